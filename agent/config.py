@@ -1,0 +1,419 @@
+"""Typed configuration: one TOML file validated by pydantic models.
+
+Loading never raises a traceback at the user. :func:`load_config` collects every
+problem it can find and raises :class:`ConfigError` whose ``problems`` are lines of
+the form ``FILE: KEY: what was expected``; the CLI prints them and exits with 2.
+
+Device sections name a driver (``driver = "infypower"``); the driver's own options
+model (looked up through :mod:`hal.registry`) validates the rest of the section, so
+a misspelt option is reported with its full key path just like a core key.
+
+Two substitutions exist for simulated setups:
+
+* ``{sim_root}`` in any string of a device section is replaced by the simulator's
+  file root (``[sim] root``, or a fresh temporary directory when that is empty);
+* ``tcp_port = 0`` / ``port = "sim"`` on a Modbus link mean "assigned by the
+  in-process simulator" and are only valid when ``[sim] in_process = true``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import tempfile
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Literal
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+
+from hal import registry
+from hal.config import CanBusConfig, ModbusLinkConfig, StrictModel
+
+SIM_ROOT_TOKEN = "{sim_root}"
+
+
+class ConfigError(Exception):
+    """A config file could not be used. ``problems`` holds one readable line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+# ---------------------------------------------------------------------------
+# Models
+
+
+class DeviceSection(BaseModel):
+    """``driver = "name"`` plus that driver's options (validated by the driver's model)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    driver: str = Field(..., min_length=1)
+    _options: BaseModel | None = PrivateAttr(default=None)
+
+    @property
+    def options(self) -> Any:
+        """The driver's validated options model (set by :func:`load_config`)."""
+        if self._options is None:
+            raise RuntimeError(f"options of driver {self.driver!r} were not validated")
+        return self._options
+
+    def raw_options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class ChargerSection(StrictModel):
+    serial_number: str = Field(..., min_length=1, max_length=64)
+    model: str = Field(..., min_length=1)
+    manufacturer: str = Field(..., min_length=1)
+    mac: str | None = Field(None, pattern=r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
+    state_dir: Path = Path("/var/lib/charger-agent")
+    timezone: str = "UTC"
+    v2g_capable: bool = False
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"an IANA time zone such as 'Europe/London' (got {value!r})") from None
+        return value
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class PlatformSection(StrictModel):
+    enabled: bool = True
+    url: str = Field(..., description="API base ending in /v1")
+    heartbeat_interval_s: float = Field(30.0, ge=10.0, le=300.0)
+    telemetry_active_interval_s: float = Field(5.0, ge=1.0, le=60.0)
+    telemetry_idle_interval_s: float = Field(60.0, ge=5.0, le=3600.0)
+    long_poll_wait_s: int = Field(30, ge=1, le=60)
+    request_timeout_s: float = Field(15.0, ge=1.0, le=120.0)
+    send_component_health: bool = False
+    cdr_extensions: bool = True
+    send_vin: bool = False
+    ca_file: Path | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _secure_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("https", "http") or not parts.hostname:
+            raise ValueError(f"an https:// URL ending in /v1 (got {value!r})")
+        if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+            raise ValueError(
+                f"https:// (plain http is accepted only for a loopback platform, got {value!r})"
+            )
+        if not parts.path.rstrip("/").endswith("/v1"):
+            raise ValueError(f"the API base ending in /v1 (got {value!r})")
+        return value.rstrip("/")
+
+
+class ConnectorConfig(StrictModel):
+    id: int = Field(..., ge=1, le=64)
+    kind: Literal["dc", "ac"]
+    max_power_kw: float = Field(..., gt=0.0, le=1000.0)
+    max_current_a: float = Field(..., gt=0.0, le=1000.0)
+    max_voltage_v: float = Field(1000.0, gt=0.0, le=1500.0)
+    min_voltage_v: float = Field(150.0, ge=0.0, le=1500.0)
+    phases: Literal[1, 3] = 3
+    power_modules: DeviceSection | None = None
+    meter: DeviceSection
+    contactor: DeviceSection
+    vehicle: DeviceSection
+    imd: str | None = Field(None, description="name of an [imd.<name>] device")
+    outlet_sensor: str | None = Field(None, description="thermal sensor name for this outlet")
+
+
+class ChargingSection(StrictModel):
+    """Charging policy: the safety interlocks' thresholds and timings (all connectors)."""
+
+    autostart: bool = Field(False, description="free vend: start a session on plug-in without a command")
+    tick_s: float = Field(0.1, ge=0.02, le=0.5, description="control-loop period")
+    isolation_fault_kohm: float = Field(100.0, ge=1.0, le=10_000.0, description="IEC 61851-23:2023 fault limit")
+    isolation_readings: int = Field(3, ge=1, le=20, description="fresh readings required to pass")
+    isolation_grace_s: float = Field(1.0, ge=0.0, le=30.0, description="readings ignored after voltage is applied")
+    isolation_timeout_s: float = Field(30.0, ge=1.0, le=120.0)
+    imd_self_test: bool = Field(True, description="run the IMD self test in every cable check")
+    cable_check_voltage_v: float = Field(500.0, ge=50.0, le=1500.0)
+    cable_check_current_a: float = Field(2.0, gt=0.0, le=5.0)
+    safe_voltage_v: float = Field(60.0, ge=10.0, le=120.0, description="below this the output counts as dead")
+    voltage_settle_timeout_s: float = Field(10.0, ge=0.5, le=60.0)
+    ev_ready_timeout_s: float = Field(120.0, ge=1.0, le=600.0)
+    current_ramp_a_per_s: float = Field(50.0, gt=0.0, le=1000.0)
+    stop_current_a: float = Field(5.0, ge=0.0, le=50.0, description="contactors open only below this")
+    stop_timeout_s: float = Field(2.0, ge=0.1, le=30.0)
+    meter_loss_grace_s: float = Field(5.0, ge=0.0, le=120.0)
+    imd_loss_grace_s: float = Field(5.0, ge=0.0, le=120.0)
+    connector_warning_c: float = Field(75.0, ge=30.0, le=150.0, description="F-0203: derate above this")
+    connector_derate_factor: float = Field(0.5, gt=0.0, le=1.0)
+    cabinet_critical_c: float = Field(85.0, ge=40.0, le=150.0, description="F-0204: stop all connectors")
+    fan_low_fraction: float = Field(0.7, gt=0.0, le=1.0, description="F-0601 below this share of nominal")
+    progress_persist_s: float = Field(5.0, ge=1.0, le=300.0, description="open-session checkpoint period")
+    on_shutdown: Literal["stop"] = Field("stop", description="what SIGTERM does to a running session")
+
+
+class LoggingSection(StrictModel):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+    file: Path | None = None
+
+
+class SimVehicleConfig(StrictModel):
+    connector: int = Field(..., ge=1)
+    plug_in_after_s: float = Field(3.0, ge=0.0)
+    soc: float = Field(30.0, ge=0.0, le=100.0)
+    target_soc: float = Field(100.0, ge=0.0, le=100.0)
+    capacity_kwh: float = Field(60.0, gt=0.0, le=300.0)
+    nominal_voltage: float = Field(400.0, gt=0.0, le=1000.0)
+    max_current: float = Field(200.0, gt=0.0, le=600.0)
+    ac_max_current: float = Field(32.0, gt=0.0, le=80.0)
+    v2g_capable: bool = False
+    vin: str | None = Field(None, min_length=17, max_length=17)
+
+
+class SimModuleConfig(StrictModel):
+    max_current: float = Field(40.0, gt=0.0)
+    rated_power_w: float = Field(20_000.0, gt=0.0)
+    max_voltage: float = Field(750.0, gt=0.0)
+    min_voltage: float = Field(150.0, ge=0.0)
+
+
+class SimSection(StrictModel):
+    in_process: bool = True
+    root: str = Field("", description="simulated sysfs/gpio file root; empty = fresh temp dir")
+    control_port: int = Field(0, ge=0, le=65535, description="loopback fault-injection port, 0 = any")
+    step_s: float = Field(0.05, gt=0.0, le=1.0)
+    module_count: int = Field(2, ge=1, le=16, description="modules per group when discovering")
+    module: SimModuleConfig = SimModuleConfig()
+    vehicles: list[SimVehicleConfig] = []
+
+
+class AgentConfig(StrictModel):
+    charger: ChargerSection
+    platform: PlatformSection
+    can: dict[str, CanBusConfig] = {}
+    modbus: dict[str, ModbusLinkConfig] = {}
+    imd: dict[str, DeviceSection] = {}
+    thermal: DeviceSection | None = None
+    connectors: list[ConnectorConfig] = Field(..., min_length=1)
+    charging: ChargingSection = ChargingSection()
+    logging: LoggingSection = LoggingSection()
+    sim: SimSection | None = None
+
+    def connector(self, connector_id: int) -> ConnectorConfig:
+        for c in self.connectors:
+            if c.id == connector_id:
+                return c
+        raise KeyError(connector_id)
+
+
+@dataclass
+class LoadedConfig:
+    path: Path
+    model: AgentConfig
+    sim_root: Path | None
+
+
+# ---------------------------------------------------------------------------
+# Loading
+
+
+def _key(loc: Iterable[Any]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _describe(err: Any, known: Iterable[str]) -> str:
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        name = str(err["loc"][-1])
+        close = difflib.get_close_matches(name, list(known), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"unknown key{hint}"
+    if kind == "missing":
+        return "required key is missing"
+    msg = str(err["msg"])
+    if msg.startswith("Value error, "):
+        msg = "expected " + msg[len("Value error, ") :]
+    if "input" in err and kind not in ("missing",) and not isinstance(err["input"], (dict, list)):
+        msg += f" (got {err['input']!r})"
+    return msg
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Known field names of the model that owns the last element of ``loc``."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        fields = getattr(current, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        annotation = fields[part].annotation
+        current = _inner_model(annotation)
+        if current is None:
+            return []
+    fields = getattr(current, "model_fields", None)
+    return list(fields) if fields else []
+
+
+def _inner_model(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _inner_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _problems(file: Path, exc: ValidationError, model: type[BaseModel], prefix: tuple[Any, ...] = ()) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        lines.append(f"{file}: {_key(prefix + loc)}: {_describe(err, _fields_at(model, loc))}")
+    return lines
+
+
+def _substitute(value: Any, sim_root: str | None, used: list[bool]) -> Any:
+    if isinstance(value, str) and SIM_ROOT_TOKEN in value:
+        used[0] = True
+        return value.replace(SIM_ROOT_TOKEN, sim_root) if sim_root is not None else value
+    if isinstance(value, dict):
+        return {k: _substitute(v, sim_root, used) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, sim_root, used) for v in value]
+    return value
+
+
+def _device_sections(cfg: AgentConfig) -> list[tuple[tuple[Any, ...], str, DeviceSection]]:
+    out: list[tuple[tuple[Any, ...], str, DeviceSection]] = []
+    for i, conn in enumerate(cfg.connectors):
+        for attr, kind in (
+            ("power_modules", "power_modules"),
+            ("meter", "meter"),
+            ("contactor", "contactor"),
+            ("vehicle", "vehicle"),
+        ):
+            section = getattr(conn, attr)
+            if section is not None:
+                out.append((("connectors", i, attr), kind, section))
+    for name, section in cfg.imd.items():
+        out.append((("imd", name), "imd", section))
+    if cfg.thermal is not None:
+        out.append((("thermal",), "thermal", cfg.thermal))
+    return out
+
+
+def _cross_checks(file: Path, cfg: AgentConfig) -> list[str]:
+    problems: list[str] = []
+    ids = [c.id for c in cfg.connectors]
+    for dup in sorted({i for i in ids if ids.count(i) > 1}):
+        problems.append(f"{file}: connectors: connector id {dup} is used more than once")
+    for i, conn in enumerate(cfg.connectors):
+        where = f"{file}: connectors[{i}]"
+        if conn.kind == "dc" and conn.power_modules is None:
+            problems.append(f"{where}.power_modules: required for a DC connector")
+        if conn.kind == "ac" and conn.power_modules is not None:
+            problems.append(f"{where}.power_modules: an AC connector has no power modules")
+        if conn.imd is not None and conn.imd not in cfg.imd:
+            known = ", ".join(sorted(cfg.imd)) or "none defined"
+            problems.append(f"{where}.imd: expected the name of an [imd.<name>] section ({known}), got {conn.imd!r}")
+        if conn.min_voltage_v >= conn.max_voltage_v:
+            problems.append(f"{where}.min_voltage_v: expected less than max_voltage_v")
+    in_process = cfg.sim is not None and cfg.sim.in_process
+    for name, link in cfg.modbus.items():
+        if link.transport == "tcp" and link.tcp_port == 0 and not in_process:
+            problems.append(f"{file}: modbus.{name}.tcp_port: 0 (simulator-assigned) needs [sim] in_process = true")
+        if link.transport == "rtu" and link.port == "sim" and not in_process:
+            problems.append(f"{file}: modbus.{name}.port: 'sim' needs [sim] in_process = true")
+    for loc, _kind, section in _device_sections(cfg):
+        opts = section._options
+        if opts is None:
+            continue
+        bus = getattr(opts, "bus", None)
+        if isinstance(bus, str) and bus not in cfg.can:
+            known = ", ".join(sorted(cfg.can)) or "none defined"
+            problems.append(f"{file}: {_key(loc)}.bus: expected the name of a [can.<name>] bus ({known}), got {bus!r}")
+        link_name = getattr(opts, "link", None)
+        if isinstance(link_name, str) and link_name not in cfg.modbus:
+            known = ", ".join(sorted(cfg.modbus)) or "none defined"
+            problems.append(f"{file}: {_key(loc)}.link: expected the name of a [modbus.<name>] link ({known}), got {link_name!r}")
+    if cfg.sim is not None:
+        for j, v in enumerate(cfg.sim.vehicles):
+            if v.connector not in ids:
+                problems.append(f"{file}: sim.vehicles[{j}].connector: expected one of the connector ids {ids}, got {v.connector}")
+    return problems
+
+
+def load_config(path: str | Path, *, sim_root: Path | None = None) -> LoadedConfig:
+    """Read, substitute and validate ``path``; raise :class:`ConfigError` listing every problem.
+
+    ``sim_root`` overrides ``[sim] root``; when both are empty and the file uses
+    ``{sim_root}``, a fresh temporary directory is created.
+    """
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{file}: file not found"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{file}: cannot read: {exc.strerror}"]) from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{file}: not valid TOML: {exc}"]) from None
+
+    sim_raw = raw.get("sim") if isinstance(raw.get("sim"), dict) else None
+    root: Path | None = sim_root
+    if root is None and sim_raw is not None and sim_raw.get("root"):
+        root = Path(str(sim_raw["root"]))
+    used = [False]
+    _substitute(raw, None, used)  # detect use before creating anything
+    if used[0]:
+        if sim_raw is None:
+            raise ConfigError([f"{file}: uses {SIM_ROOT_TOKEN} but has no [sim] section"])
+        if root is None:
+            root = Path(tempfile.mkdtemp(prefix="charger-sim-"))
+        raw = _substitute(raw, str(root), [False])
+
+    try:
+        cfg = AgentConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_problems(file, exc, AgentConfig)) from None
+
+    problems: list[str] = []
+    for loc, kind, section in _device_sections(cfg):
+        try:
+            spec = registry.lookup(kind, section.driver)
+        except registry.UnknownDriver as exc:
+            problems.append(f"{file}: {_key(loc)}.driver: {exc}")
+            continue
+        try:
+            section._options = spec.options_model.model_validate(section.raw_options())
+        except ValidationError as exc:
+            problems.extend(_problems(file, exc, spec.options_model, loc))
+    problems.extend(_cross_checks(file, cfg))
+    if problems:
+        raise ConfigError(problems)
+    return LoadedConfig(path=file, model=cfg, sim_root=root)

@@ -1,0 +1,5 @@
+"""``python -m agent.store {check,recover} --state-dir DIR``: inspect or repair the state database."""
+
+from agent.store.db import main
+
+raise SystemExit(main())
