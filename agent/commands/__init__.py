@@ -1,0 +1,1 @@
+"""Remote commands: parameter models, the dispatcher and one handler per command."""
