@@ -13,9 +13,10 @@ Contracts that hold for every model here:
 * **Types are checked the JSON way.** Integers must be JSON integers (``1`` or ``1.0``; not
   ``"1"`` or ``true``), numbers must be finite JSON numbers (not strings or booleans), strings
   must be strings. Enums accept exactly their documented values.
-* **Optional means "may be omitted", not "may be null".** An optional field sent as ``null``
-  is rejected, because the published schemas do not allow ``null`` there. In Python an absent
-  optional field reads as ``None``; :meth:`ApiModel.to_wire` omits it.
+* **Optional means "may be omitted", not "may be null".** In JSON input
+  (``model_validate_json``) an optional field sent as ``null`` is rejected, because the
+  published schemas do not allow ``null`` there. In Python ``None`` means "absent": it is
+  accepted, an absent field reads as ``None``, and :meth:`ApiModel.to_wire` omits it.
 * **Timestamps** are RFC 3339 / ISO 8601 date-time strings with an explicit offset. They are
   parsed into timezone-aware :class:`~datetime.datetime` objects normalised to UTC, and
   serialised as UTC with a ``Z`` suffix (see :func:`format_utc_timestamp`). Naive datetimes
@@ -31,11 +32,12 @@ the long-poll ``wait`` bounds.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import IntEnum, StrEnum
 from types import MappingProxyType
-from typing import Annotated, Any, Generic, Mapping, TypeVar
+from typing import Annotated, Any, Generic, TypeVar
 
 from annotated_types import Ge, Interval
 from pydantic import (
@@ -68,9 +70,9 @@ __all__ = [
     "ApiNumber",
     "ApiString",
     "ChargingRecordUpload",
-    "ConnectorId",
     "CommandPollQuery",
     "CommandReportStatus",
+    "ConnectorId",
     "ConnectorState",
     "DeviceCommandStatus",
     "DeviceEndpoint",
@@ -136,7 +138,7 @@ _RFC3339_DATE_TIME = re.compile(
 
 def utc_now() -> datetime:
     """Return the current wall-clock time as a timezone-aware UTC datetime."""
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def format_utc_timestamp(value: datetime) -> str:
@@ -150,7 +152,7 @@ def format_utc_timestamp(value: datetime) -> str:
     """
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError("timestamp must be timezone-aware")
-    utc = value.astimezone(timezone.utc)
+    utc = value.astimezone(UTC)
     timespec = "seconds" if utc.microsecond == 0 else "milliseconds"
     return utc.replace(tzinfo=None).isoformat(timespec=timespec) + "Z"
 
@@ -174,14 +176,14 @@ def parse_utc_timestamp(value: str) -> datetime:
         assert digits is not None  # guaranteed by the regular expression above
         frac = digits.group(0)
         text = f"{head}.{frac[:6].ljust(6, '0')}{frac_and_offset[len(frac):]}"
-    return datetime.fromisoformat(text).astimezone(timezone.utc)
+    return datetime.fromisoformat(text).astimezone(UTC)
 
 
 def _coerce_timestamp(value: Any) -> datetime:
     if isinstance(value, datetime):
         if value.tzinfo is None or value.utcoffset() is None:
             raise ValueError("timestamp must be timezone-aware")
-        return value.astimezone(timezone.utc)
+        return value.astimezone(UTC)
     if isinstance(value, str):
         return parse_utc_timestamp(value)
     raise ValueError("timestamp must be an ISO 8601 date-time string")
@@ -232,17 +234,18 @@ WaitSeconds = Annotated[
 
 
 class _NotNull:
-    """Annotation for optional fields: may be omitted, but an explicit ``null`` is rejected.
+    """Annotation for optional fields: may be omitted, but a JSON ``null`` is rejected.
 
-    The published schemas type optional properties without ``null``. The field's Python type
-    still includes ``None`` (meaning "absent"); the JSON schema drops the null alternative so
-    it matches the document.
+    The published schemas type optional properties without ``null``. In Python ``None``
+    means "absent" (accepted, and omitted by :meth:`ApiModel.to_wire`); only JSON input
+    (``model_validate_json``) is held to the document. The JSON schema drops the null
+    alternative so it matches the document.
     """
 
     def __get_pydantic_core_schema__(
         self, source: Any, handler: GetCoreSchemaHandler
     ) -> core_schema.CoreSchema:
-        return core_schema.no_info_before_validator_function(_reject_null, handler(source))
+        return core_schema.with_info_before_validator_function(_reject_json_null, handler(source))
 
     def __get_pydantic_json_schema__(
         self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
@@ -257,8 +260,8 @@ class _NotNull:
         return json_schema
 
 
-def _reject_null(value: Any) -> Any:
-    if value is None:
+def _reject_json_null(value: Any, info: core_schema.ValidationInfo) -> Any:
+    if value is None and info.mode == "json":
         raise ValueError("must not be null; omit the field instead")
     return value
 

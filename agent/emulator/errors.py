@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from agent.api.models import ERROR_CODES, ErrorCode
 
-__all__ = ["ApiError", "envelope"]
+__all__ = ["ApiError", "OperatorError", "envelope"]
 
 
 def envelope(
@@ -64,3 +65,12 @@ class ApiError(Exception):
     def body(self) -> dict[str, Any]:
         """The enveloped error body (``data`` null)."""
         return envelope(None, code=self.code, message=self.message, details=self.details)
+
+
+class OperatorError(Exception):
+    """A rejected operator-endpoint request; answered as ``{"error": message}`` with ``status``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message

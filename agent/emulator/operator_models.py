@@ -149,6 +149,7 @@ class ReceivedRequest(_View):
     ``body`` is the parsed JSON body (or the raw text when it was not JSON, ``None`` for GET),
     ``query`` the query string, ``code`` the application code answered (``None`` when no
     envelope was sent: outage or token success), ``response`` the JSON body sent back.
+    ``http_status`` is 0 when no response was sent (dropped connection, client gone).
     Secrets and tokens are replaced by ``"***"`` in ``body`` and ``response``.
     """
 

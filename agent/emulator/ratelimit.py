@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 from agent.api.models import RATE_LIMITS, RateLimit, RateLimitClass
 
@@ -32,7 +32,6 @@ class RateLimiter:
         self._clock = clock
         self._limits = dict(limits)
         self._windows: dict[tuple[str, RateLimitClass], deque[float]] = {}
-        self.enabled = True
 
     def check(self, device_id: str, limit_class: RateLimitClass) -> int | None:
         """Admit or reject one request.
@@ -41,8 +40,6 @@ class RateLimiter:
             ``None`` when admitted (and counted); otherwise the whole number of seconds
             (≥ 1) after which a request of this class would be admitted again.
         """
-        if not self.enabled:
-            return None
         limit = self._limits.get(limit_class)
         if limit is None:
             return None

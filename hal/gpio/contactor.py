@@ -21,6 +21,8 @@ Behaviour, beyond the interface contract:
   says "main closed" with the coil off (that *is* a weld: the latch is set). It
   refuses with ``contactor_failed_to_close`` when the lines are unavailable or the
   mirror cannot be read.
+* A ``close()`` cancelled while waiting for the mirror releases the coil before
+  the cancellation propagates.
 * ``open()`` when the lines never came up raises ``mirror_mismatch`` (nothing can
   be confirmed; nothing was ever energised). A failed confirmation sets the weld
   latch, as the contract says.
@@ -47,10 +49,11 @@ Behaviour, beyond the interface contract:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import threading
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -99,26 +102,41 @@ class GpioContactor:
 
     class Options(StrictModel):
         backend: Literal["gpiod", "sim"] = Field(
-            "gpiod", description="gpiod = real chip via libgpiod v2; sim = gpio-sim-style files"
+            default="gpiod",
+            description="gpiod = real chip via libgpiod v2; sim = gpio-sim-style files",
         )
         chip: str = Field(
             ...,
             min_length=1,
             description="gpiod: /dev/gpiochipN, gpiochipN or the chip label; sim: chip directory under root",
         )
-        root: str | None = Field(None, description="sim only: directory holding the simulated chips")
+        root: str | None = Field(
+            default=None, description="sim only: directory holding the simulated chips"
+        )
         coil_line: int = Field(..., ge=0, description="output line offset driving the coil")
-        mirror_line: int = Field(..., ge=0, description="input line offset of the NC mirror contact")
-        mirror_active_low: bool = Field(True, description="mirror contact closed == electrical low")
-        mirror_bias: BiasName = Field("pull_down", description="input bias of the mirror line")
-        close_timeout_ms: float = Field(150.0, gt=0.0, le=10_000.0)
-        open_timeout_ms: float = Field(150.0, gt=0.0, le=10_000.0)
-        debounce_ms: float = Field(10.0, ge=0.0, le=1_000.0, description="mirror must be stable this long")
-        rated_cycles: int = Field(100_000, ge=1, description="mechanical rating, for wear reporting")
-        poll_interval_ms: float = Field(5.0, ge=0.5, le=1_000.0, description="mirror watcher period")
+        mirror_line: int = Field(
+            ..., ge=0, description="input line offset of the NC mirror contact"
+        )
+        mirror_active_low: bool = Field(
+            default=True, description="mirror contact closed == electrical low"
+        )
+        mirror_bias: BiasName = Field(
+            default="pull_down", description="input bias of the mirror line"
+        )
+        close_timeout_ms: float = Field(default=150.0, gt=0.0, le=10_000.0)
+        open_timeout_ms: float = Field(default=150.0, gt=0.0, le=10_000.0)
+        debounce_ms: float = Field(
+            default=10.0, ge=0.0, le=1_000.0, description="mirror must be stable this long"
+        )
+        rated_cycles: int = Field(
+            default=100_000, ge=1, description="mechanical rating, for wear reporting"
+        )
+        poll_interval_ms: float = Field(
+            default=5.0, ge=0.5, le=1_000.0, description="mirror watcher period"
+        )
 
         @model_validator(mode="after")
-        def _consistent(self) -> "GpioContactor.Options":
+        def _consistent(self) -> GpioContactor.Options:
             if self.backend == "sim" and not self.root:
                 raise ValueError("backend = 'sim' needs 'root' (the simulated GPIO directory)")
             if self.backend == "gpiod" and self.root is not None:
@@ -126,7 +144,9 @@ class GpioContactor:
             if self.coil_line == self.mirror_line:
                 raise ValueError("coil_line and mirror_line must be different lines")
             if self.debounce_ms >= min(self.close_timeout_ms, self.open_timeout_ms):
-                raise ValueError("debounce_ms must be shorter than close_timeout_ms and open_timeout_ms")
+                raise ValueError(
+                    "debounce_ms must be shorter than close_timeout_ms and open_timeout_ms"
+                )
             return self
 
     def __init__(
@@ -186,7 +206,9 @@ class GpioContactor:
             return
         self._started = True
         self._try_request()
-        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"contactor-{self.name}")
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(), name=f"contactor-{self.name}"
+        )
 
     async def stop(self) -> None:
         """Release the coil, stop the watcher and give the lines back (idempotent)."""
@@ -220,17 +242,25 @@ class GpioContactor:
 
     async def _close_locked(self) -> None:
         if not self._lines_ok:
-            raise ContactorError(FAILED_TO_CLOSE, f"GPIO lines not available: {self._lines_error or 'not started'}")
+            raise ContactorError(
+                FAILED_TO_CLOSE, f"GPIO lines not available: {self._lines_error or 'not started'}"
+            )
         if self._welded:
             raise ContactorError(WELDED, "weld latch is set; clear_weld() after service")
         if self._coil:
             raise ContactorError(WELDED, "refusing to close: the coil is already energised")
         mirror = self._read_mirror()
         if mirror is None:
-            raise ContactorError(FAILED_TO_CLOSE, f"cannot read the mirror contact: {self._io_error}")
+            raise ContactorError(
+                FAILED_TO_CLOSE, f"cannot read the mirror contact: {self._io_error}"
+            )
         if not mirror:
-            self._latch_weld("mirror reports main contacts closed while the coil is off (pre-close check)")
-            raise ContactorError(WELDED, "mirror reports main contacts closed while the coil is off")
+            self._latch_weld(
+                "mirror reports main contacts closed while the coil is off (pre-close check)"
+            )
+            raise ContactorError(
+                WELDED, "mirror reports main contacts closed while the coil is off"
+            )
 
         started = monotonic()
         try:
@@ -239,9 +269,15 @@ class GpioContactor:
             self.release()
             self._set_fault(FAILED_TO_CLOSE, f"cannot drive the coil: {exc}")
             raise ContactorError(FAILED_TO_CLOSE, f"cannot drive the coil: {exc}") from exc
-        confirmed = await self._await_mirror(
-            want_active=False, timeout_s=self.options.close_timeout_ms / 1000.0, abort_if_released=True
-        )
+        try:
+            confirmed = await self._await_mirror(
+                want_active=False,
+                timeout_s=self.options.close_timeout_ms / 1000.0,
+                abort_if_released=True,
+            )
+        except asyncio.CancelledError:
+            self.release()  # never leave an unconfirmed coil energised behind a cancelled caller
+            raise
         elapsed_ms = (monotonic() - started) * 1000.0
         if confirmed is None:
             detail = "coil released while waiting for the mirror"
@@ -256,6 +292,7 @@ class GpioContactor:
             self._set_fault(FAILED_TO_CLOSE, detail)
             raise ContactorError(FAILED_TO_CLOSE, detail)
         self._fault = None
+        self._mismatch_active = False
         self._cycles += 1
         cycles = self._cycles
         await asyncio.to_thread(self._save_cycles)
@@ -276,11 +313,14 @@ class GpioContactor:
         self.release()
         if not self._lines_ok:
             raise ContactorError(
-                MIRROR_MISMATCH, f"GPIO lines not available, cannot confirm open: {self._lines_error or 'not started'}"
+                MIRROR_MISMATCH,
+                f"GPIO lines not available, cannot confirm open: {self._lines_error or 'not started'}",
             )
         started = monotonic()
         confirmed = await self._await_mirror(
-            want_active=True, timeout_s=self.options.open_timeout_ms / 1000.0, abort_if_released=False
+            want_active=True,
+            timeout_s=self.options.open_timeout_ms / 1000.0,
+            abort_if_released=False,
         )
         if not confirmed:
             detail = (
@@ -290,11 +330,16 @@ class GpioContactor:
             self._latch_weld(detail)
             raise ContactorError(WELDED, detail)
         self._fault = None
+        self._mismatch_active = False
         self._settle_until = 0.0
         if was_energised:
-            self._log.info("contactor_opened", confirm_ms=round((monotonic() - started) * 1000.0, 1))
+            self._log.info(
+                "contactor_opened", confirm_ms=round((monotonic() - started) * 1000.0, 1)
+            )
 
-    async def _await_mirror(self, *, want_active: bool, timeout_s: float, abort_if_released: bool) -> bool | None:
+    async def _await_mirror(
+        self, *, want_active: bool, timeout_s: float, abort_if_released: bool
+    ) -> bool | None:
         """Wait for the logical mirror to equal ``want_active`` for ``debounce_ms``.
 
         Returns True when confirmed, False on timeout, None when ``abort_if_released``
@@ -332,11 +377,9 @@ class GpioContactor:
             if was:
                 self._log.info("contactor_coil_released")
         except Exception as exc:  # noqa: BLE001 - the emergency path must not raise
-            try:
-                self._io_error = f"cannot release the coil: {exc}"
+            self._io_error = f"cannot release the coil: {exc}"
+            with contextlib.suppress(Exception):
                 self._log.error("contactor_release_failed", error=str(exc))
-            except Exception:  # noqa: BLE001
-                pass
 
     def _drive_coil(self, energise: bool) -> None:
         self._lines.set_output(energise)
@@ -410,7 +453,11 @@ class GpioContactor:
             "wear_percent": round(100.0 * status.cycles / self.options.rated_cycles, 2),
             "counter_file": str(self._counter_path),
             "counter_error": self._persist_error,
-            "health": {"state": status.health.state.value, "code": status.health.code, "detail": status.health.detail},
+            "health": {
+                "state": status.health.state.value,
+                "code": status.health.code,
+                "detail": status.health.detail,
+            },
         }
 
     # ------------------------------------------------------------------ internals
@@ -502,7 +549,11 @@ class GpioContactor:
         self._mismatch_active = True
         if self._welded:
             return  # already the stronger fault
-        what = "main contacts closed while the coil is off" if not self._coil else "main contacts opened while the coil is on"
+        what = (
+            "main contacts closed while the coil is off"
+            if not self._coil
+            else "main contacts opened while the coil is on"
+        )
         self._set_fault(MIRROR_MISMATCH, f"mirror reports {what}")
 
     def _set_fault(self, code: str, detail: str) -> None:
@@ -521,12 +572,16 @@ class GpioContactor:
         except FileNotFoundError:
             return 0
         except (OSError, ValueError) as exc:
-            self._log.error("contactor_counter_unreadable", path=str(self._counter_path), error=str(exc))
+            self._log.error(
+                "contactor_counter_unreadable", path=str(self._counter_path), error=str(exc)
+            )
             self._persist_error = f"unreadable counter file, restarted from 0: {exc}"
             return 0
         cycles = data.get("cycles") if isinstance(data, dict) else None
         if not isinstance(cycles, int) or isinstance(cycles, bool) or cycles < 0:
-            self._log.error("contactor_counter_invalid", path=str(self._counter_path), value=repr(cycles))
+            self._log.error(
+                "contactor_counter_invalid", path=str(self._counter_path), value=repr(cycles)
+            )
             self._persist_error = "invalid counter file, restarted from 0"
             return 0
         return cycles
@@ -538,13 +593,17 @@ class GpioContactor:
                 "name": self.name,
                 "cycles": self._cycles,
                 "rated_cycles": self.options.rated_cycles,
-                "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
             }
             try:
-                atomic_write_text(self._counter_path, json.dumps(document, indent=1) + "\n", durable=True)
+                atomic_write_text(
+                    self._counter_path, json.dumps(document, indent=1) + "\n", durable=True
+                )
             except OSError as exc:
                 self._persist_error = str(exc)
-                self._log.error("contactor_counter_write_failed", path=str(self._counter_path), error=str(exc))
+                self._log.error(
+                    "contactor_counter_write_failed", path=str(self._counter_path), error=str(exc)
+                )
                 return
             self._persist_error = None
 

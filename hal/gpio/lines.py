@@ -31,6 +31,7 @@ Two backends implement :class:`LineBackend`:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import os
@@ -120,10 +121,8 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, *, durable: bool 
                 os.fsync(fh.fileno())
         os.replace(tmp, target)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
     if durable:
         dir_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
@@ -137,7 +136,7 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, *, durable: bool 
 # libgpiod v2
 
 
-def gpiod_line_config(pair: LinePair) -> dict[int, "LineSettings"]:
+def gpiod_line_config(pair: LinePair) -> dict[int, LineSettings]:
     """The ``config`` mapping handed to ``gpiod.request_lines`` for ``pair``.
 
     Output: direction OUTPUT, initial value INACTIVE (the coil starts released).
@@ -180,7 +179,9 @@ def resolve_gpiochip(chip: str, *, dev_dir: str = "/dev") -> str:
     try:
         import gpiod
     except ImportError as exc:  # pragma: no cover - gpiod is a hard dependency
-        raise LineError(f"GPIO chip {chip}: the 'gpiod' package (libgpiod v2) is not installed") from exc
+        raise LineError(
+            f"GPIO chip {chip}: the 'gpiod' package (libgpiod v2) is not installed"
+        ) from exc
 
     if chip.startswith("/"):
         if not os.path.exists(chip):
@@ -235,7 +236,8 @@ class GpiodLines:
 
         self.release()
         path = resolve_gpiochip(self._chip)
-        config: dict[Iterable[int | str] | int | str, LineSettings | None] = dict(gpiod_line_config(pair))
+        config: dict[Iterable[int | str] | int | str, LineSettings | None] = {}
+        config.update(gpiod_line_config(pair).items())
         try:
             self._request = gpiod.request_lines(path, config=config, consumer=pair.consumer)
         except PermissionError as exc:
@@ -258,7 +260,7 @@ class GpiodLines:
         self._path = path
         self._pair = pair
 
-    def _require(self) -> tuple["LineRequest", LinePair]:
+    def _require(self) -> tuple[LineRequest, LinePair]:
         if self._request is None or self._pair is None:
             raise LineError(f"GPIO chip {self.location}: lines are not requested")
         return self._request, self._pair
@@ -270,7 +272,9 @@ class GpiodLines:
         try:
             request.set_value(pair.output_line, Value.ACTIVE if active else Value.INACTIVE)
         except (OSError, ValueError) as exc:
-            raise LineError(f"GPIO chip {self.location}: set line {pair.output_line}: {exc}") from exc
+            raise LineError(
+                f"GPIO chip {self.location}: set line {pair.output_line}: {exc}"
+            ) from exc
 
     def get_input(self) -> bool:
         from gpiod.line import Value
@@ -279,7 +283,9 @@ class GpiodLines:
         try:
             return request.get_value(pair.input_line) == Value.ACTIVE
         except (OSError, ValueError) as exc:
-            raise LineError(f"GPIO chip {self.location}: read line {pair.input_line}: {exc}") from exc
+            raise LineError(
+                f"GPIO chip {self.location}: read line {pair.input_line}: {exc}"
+            ) from exc
 
     def event_fd(self) -> int | None:
         return self._request.fileno() if self._request is not None else None
@@ -301,17 +307,18 @@ class GpiodLines:
             return
         from gpiod.line import Value
 
-        try:
+        with contextlib.suppress(Exception):  # release must never raise
             request.set_value(pair.output_line, Value.INACTIVE)
-        except Exception:  # noqa: BLE001 - release must never raise
-            pass
-        try:
+        with contextlib.suppress(Exception):
             request.release()
-        except Exception:  # noqa: BLE001
-            pass
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": "gpiod", "chip": self._chip, "path": self._path, "requested": self._request is not None}
+        return {
+            "backend": "gpiod",
+            "chip": self._chip,
+            "path": self._path,
+            "requested": self._request is not None,
+        }
 
 
 # ---------------------------------------------------------------------------
@@ -346,11 +353,15 @@ class SimLines:
     def request(self, pair: LinePair) -> None:
         chip_dir = self._root / self._chip
         if not chip_dir.is_dir():
-            raise LineError(f"simulated GPIO chip {chip_dir} does not exist (is the simulator running?)")
+            raise LineError(
+                f"simulated GPIO chip {chip_dir} does not exist (is the simulator running?)"
+            )
         try:
             atomic_write_text(sim_value_path(self._root, self._chip, pair.output_line), "0\n")
         except OSError as exc:
-            raise LineError(f"simulated GPIO chip {chip_dir}: cannot drive line {pair.output_line}: {exc}") from exc
+            raise LineError(
+                f"simulated GPIO chip {chip_dir}: cannot drive line {pair.output_line}: {exc}"
+            ) from exc
         self._pair = pair
 
     def _require(self) -> LinePair:
@@ -361,9 +372,13 @@ class SimLines:
     def set_output(self, active: bool) -> None:
         pair = self._require()
         try:
-            atomic_write_text(sim_value_path(self._root, self._chip, pair.output_line), "1\n" if active else "0\n")
+            atomic_write_text(
+                sim_value_path(self._root, self._chip, pair.output_line), "1\n" if active else "0\n"
+            )
         except OSError as exc:
-            raise LineError(f"simulated GPIO chip {self.location}: set line {pair.output_line}: {exc}") from exc
+            raise LineError(
+                f"simulated GPIO chip {self.location}: set line {pair.output_line}: {exc}"
+            ) from exc
 
     def get_input(self) -> bool:
         pair = self._require()
@@ -373,7 +388,9 @@ class SimLines:
         except FileNotFoundError:
             text = ""
         except OSError as exc:
-            raise LineError(f"simulated GPIO chip {self.location}: read line {pair.input_line}: {exc}") from exc
+            raise LineError(
+                f"simulated GPIO chip {self.location}: read line {pair.input_line}: {exc}"
+            ) from exc
         if text == "":
             level = pair.input_bias == "pull_up"
         elif text in ("0", "1"):
@@ -394,10 +411,8 @@ class SimLines:
         pair, self._pair = self._pair, None
         if pair is None:
             return
-        try:
+        with contextlib.suppress(Exception):  # release must never raise
             atomic_write_text(sim_value_path(self._root, self._chip, pair.output_line), "0\n")
-        except Exception:  # noqa: BLE001 - release must never raise
-            pass
 
     def describe(self) -> dict[str, Any]:
         return {"backend": "sim", "chip": self.location, "requested": self._pair is not None}

@@ -85,8 +85,12 @@ class _Args:
 
     def given(self) -> dict[str, object]:
         """The arguments that were actually passed (not ``None``)."""
-        raw = {"connector": self.connector, "module": self.module, "sensor": self.sensor,
-               "value": self.value}
+        raw = {
+            "connector": self.connector,
+            "module": self.module,
+            "sensor": self.sensor,
+            "value": self.value,
+        }
         return {k: v for k, v in raw.items() if v is not None}
 
 
@@ -187,8 +191,15 @@ def _resolve_fans(world: SimWorld, sensor: str | None) -> list[str]:
     return [sensor]
 
 
-def _value_in(value: float | None, default: float, low: float, high: float,
-              what: str, *, low_open: bool = False) -> float:
+def _value_in(
+    value: float | None,
+    default: float,
+    low: float,
+    high: float,
+    what: str,
+    *,
+    low_open: bool = False,
+) -> float:
     """``value`` (or ``default``) checked against ``[low, high]`` (``(low, high]``)."""
     v = default if value is None else float(value)
     too_low = v <= low if low_open else v < low
@@ -218,7 +229,11 @@ def _meter_flag(conn: SimConnector, fault: str, on: bool) -> str:
     meter = conn.meter
     if fault == "meter_freeze":
         was, meter.frozen = meter.frozen, on
-        what = "keeps answering but its registers stop changing" if on else "updates its registers again"
+        what = (
+            "keeps answering but its registers stop changing"
+            if on
+            else "updates its registers again"
+        )
     else:
         was, meter.silent = meter.silent, on
         what = "stops answering Modbus requests" if on else "answers Modbus requests again"
@@ -232,7 +247,11 @@ def _contactor_flag(conn: SimConnector, fault: str, on: bool) -> str:
         was, c.weld = c.weld, on
         if not on:
             return f"{name} is no longer welded{_was_note(was, on)}"
-        when = "its contacts are welded closed" if c.closed else "its contacts will weld when they next close"
+        when = (
+            "its contacts are welded closed"
+            if c.closed
+            else "its contacts will weld when they next close"
+        )
         return f"{name}: {when}{_was_note(was, on)}"
     was, c.fail_to_close = c.fail_to_close, on
     what = "will not close when energised" if on else "closes normally again"
@@ -262,8 +281,14 @@ def _set_extra_heat(world: SimWorld, sensor: str, offset: float) -> float:
 def _over_temperature(world: SimWorld, args: _Args, on: bool) -> str:
     if on:
         sensor = _resolve_sensor(world, args.sensor)
-        extra = _value_in(args.value, DEFAULT_OVER_TEMPERATURE_C, 0.0, 1000.0,
-                          "over_temperature extra degC", low_open=True)
+        extra = _value_in(
+            args.value,
+            DEFAULT_OVER_TEMPERATURE_C,
+            0.0,
+            1000.0,
+            "over_temperature extra degC",
+            low_open=True,
+        )
         _set_extra_heat(world, sensor, extra)
         return f"sensor {sensor} reads {extra:g} degC hotter (now {world.temperatures[sensor]:.1f} degC)"
     sensors = [_resolve_sensor(world, args.sensor)] if args.sensor else sorted(world.extra_heat)
@@ -293,8 +318,12 @@ def _vehicle_unplug(conn: SimConnector, on: bool) -> str:
     v.plug_in_at = None
     name = f"connector {conn.connector_id}"
     if on:
-        return f"the vehicle on {name} is unplugged" + ("" if was_plugged else " (it was not plugged in)")
-    return f"the vehicle is plugged back into {name}" + (" (it was already plugged in)" if was_plugged else "")
+        return f"the vehicle on {name} is unplugged" + (
+            "" if was_plugged else " (it was not plugged in)"
+        )
+    return f"the vehicle is plugged back into {name}" + (
+        " (it was already plugged in)" if was_plugged else ""
+    )
 
 
 def _vehicle_side(conn: SimConnector, fault: str, on: bool) -> str:
@@ -345,9 +374,15 @@ def _record(world: SimWorld, verb: str, fault: str, body: str) -> str:
 # public API
 
 
-def inject(world: SimWorld, fault: str, *, connector: int | None = None,
-           module: int | None = None, sensor: str | None = None,
-           value: float | None = None) -> str:
+def inject(
+    world: SimWorld,
+    fault: str,
+    *,
+    connector: int | None = None,
+    module: int | None = None,
+    sensor: str | None = None,
+    value: float | None = None,
+) -> str:
     """Inject ``fault`` (a key of ``world.FAULTS``) into ``world``.
 
     Returns a sentence such as ``"t=12.0 s: injected meter_freeze: the meter of
@@ -360,9 +395,15 @@ def inject(world: SimWorld, fault: str, *, connector: int | None = None,
     return _record(world, "injected", name, _apply(world, name, args, True))
 
 
-def clear(world: SimWorld, fault: str, *, connector: int | None = None,
-          module: int | None = None, sensor: str | None = None,
-          value: float | None = None) -> str:
+def clear(
+    world: SimWorld,
+    fault: str,
+    *,
+    connector: int | None = None,
+    module: int | None = None,
+    sensor: str | None = None,
+    value: float | None = None,
+) -> str:
     """Undo ``fault`` on its target (same arguments as :func:`inject`; ``value`` is ignored
     except for validation). ``over_temperature`` without ``sensor`` clears every
     sensor's extra heat; ``fan_slowdown`` without ``sensor`` restores every fan.
@@ -374,10 +415,21 @@ def clear(world: SimWorld, fault: str, *, connector: int | None = None,
     return _record(world, "cleared", name, _apply(world, name, cleared, False))
 
 
-def _entry(fault: str, connector: int | None = None, module: int | None = None,
-           sensor: str | None = None, value: float | None = None) -> dict[str, Any]:
-    return {"fault": fault, "connector": connector, "module": module, "sensor": sensor,
-            "value": value, "description": FAULTS[fault]}
+def _entry(
+    fault: str,
+    connector: int | None = None,
+    module: int | None = None,
+    sensor: str | None = None,
+    value: float | None = None,
+) -> dict[str, Any]:
+    return {
+        "fault": fault,
+        "connector": connector,
+        "module": module,
+        "sensor": sensor,
+        "value": value,
+        "description": FAULTS[fault],
+    }
 
 
 def _connector_faults(conn: SimConnector) -> list[dict[str, Any]]:

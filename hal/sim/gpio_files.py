@@ -13,59 +13,33 @@ A missing coil file means the line is not requested (board pull-down: coil off);
 an unparsable one keeps the previous value.
 
 Contact mechanics (operate/release time, weld, fail-to-close) are
-:func:`advance_contactor`. Exactly one owner must call it per contactor, with one
-clock: either :mod:`hal.sim.physics` (``advance_contactor(c, world.time)`` every
-step, ``mechanics=False`` here, the default) or this simulator
-(``mechanics=True``: called with ``time.monotonic()`` each poll, for stand-alone
-GPIO benches and tests).
+:func:`hal.sim.physics.advance_contactor`, re-exported here; there is one
+implementation. Exactly one owner must call it per contactor, with one clock:
+either :func:`hal.sim.physics.step` (``world.time``; keep ``mechanics=False`` here,
+the default) or this simulator (``mechanics=True``: called with
+``time.monotonic()`` on every poll, for stand-alone GPIO benches and tests). The
+driver's ``close_timeout_ms`` must cover operate time + ``debounce_ms`` + one
+mechanics step + one poll of this simulator.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import structlog
 
 from hal.gpio.lines import atomic_write_text, sim_value_path
+from hal.sim.physics import advance_contactor
 from hal.sim.world import SimContactor
 
+__all__ = ["ContactorLineLayout", "ContactorLineSimulator", "advance_contactor", "layout"]
+
 log = structlog.get_logger(__name__)
-
-
-def advance_contactor(c: SimContactor, now: float) -> None:
-    """Advance the main contacts of ``c`` to time ``now`` (seconds, any monotonic clock).
-
-    Pure state update, no I/O. Rules:
-
-    * target position = closed when the coil is energised and ``fail_to_close`` is
-      not injected, else open; a welded contactor that is closed stays closed;
-    * a change of position takes ``operate_time_s`` (closing) or
-      ``release_time_s`` (opening) from the first call that sees the coil ask for
-      it (``moving_since``); a coil that changes back before then cancels the move;
-    * every completed closing counts one ``cycles``.
-
-    Call it often compared with the operate time (every few ms) for realistic
-    confirmation times; the driver's ``close_timeout_ms`` must cover operate time
-    + debounce + one call period.
-    """
-    target = c.coil and not c.fail_to_close
-    if c.weld and c.closed:
-        target = True
-    if target == c.closed:
-        c.moving_since = None
-        return
-    if c.moving_since is None:
-        c.moving_since = now
-    delay = c.operate_time_s if target else c.release_time_s
-    if now - c.moving_since >= delay:
-        c.closed = target
-        c.moving_since = None
-        if target:
-            c.cycles += 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +159,9 @@ class ContactorLineSimulator:
                 self.step()
             except OSError as exc:
                 if self._io_error != str(exc):
-                    log.warning("sim_contactor_lines_io_error", error=str(exc), root=str(self.layout.root))
+                    log.warning(
+                        "sim_contactor_lines_io_error", error=str(exc), root=str(self.layout.root)
+                    )
                 self._io_error = str(exc)
             else:
                 self._io_error = None

@@ -11,7 +11,9 @@ Model summary (constants below):
 
 * **Contactor.** Coil on -> main contacts close ``operate_time_s`` later unless
   ``fail_to_close``; coil off -> they open ``release_time_s`` later unless ``weld``.
-  Each completed close counts one cycle (:func:`advance_contactor`).
+  Each completed close counts one cycle (:func:`advance_contactor`). Coil changes
+  made between steps are registered at the old time, so a step longer than the
+  operate time completes the movement within that step.
 * **Module watchdog.** A module that is on and has not heard the controller for
   more than :data:`MODULE_WATCHDOG_S` of world time switches itself off.
 * **DC power flow.** The battery is on the bus when the contactor is closed, the
@@ -189,28 +191,31 @@ def share_equally(total: float, capabilities: Sequence[float]) -> list[float]:
 def advance_contactor(c: SimContactor, now: float) -> None:
     """Advance the main contacts to time ``now`` (idempotent for equal ``now``).
 
-    A coil/contact mismatch starts a movement at the first ``now`` it is seen
-    (``moving_since``); the contacts follow the coil once ``operate_time_s`` (closing)
-    or ``release_time_s`` (opening) has elapsed, unless ``fail_to_close`` (resp.
-    ``weld``) holds them. Clearing the injection later lets a pending movement
-    complete. A completed close counts one cycle. A coil that returns to the contact
-    position before the movement completes cancels it.
+    Same rules as ``hal.sim.gpio_files.advance_contactor`` plus a float tolerance
+    and one fix: the contacts head for "closed" when the coil is energised and
+    ``fail_to_close`` is not injected, else for "open" -- except that welded closed
+    contacts stay closed and ``fail_to_close`` never opens energised closed contacts. A change of position starts at the first ``now`` that asks for it
+    (``moving_since``) and completes ``operate_time_s`` (closing) or
+    ``release_time_s`` (opening) later; while an injection holds the contacts no
+    movement is pending, so clearing it starts a fresh one. A request that goes away
+    before completion cancels the movement. Every completed close counts one cycle.
     """
-    if c.coil == c.closed:
+    # fail_to_close only stops a closing: energised closed contacts stay closed
+    target = c.coil and (c.closed or not c.fail_to_close)
+    if c.weld and c.closed:
+        target = True
+    if target == c.closed:
         c.moving_since = None
         return
     if c.moving_since is None:
         c.moving_since = now
-    needed = c.operate_time_s if c.coil else c.release_time_s
+    needed = c.operate_time_s if target else c.release_time_s
     if now - c.moving_since < needed - TIME_EPSILON_S:
         return
-    if c.coil and c.fail_to_close:
-        return
-    if not c.coil and c.weld:
-        return
-    c.closed = c.coil
+    c.closed = target
     c.moving_since = None
-    pass
+    if target:
+        c.cycles += 1
 
 
 # ======================================================================================
@@ -317,15 +322,15 @@ def _can_push_into(m: SimModule, voltage: float) -> bool:
 def module_current_targets(conn: SimConnector) -> list[float]:
     """Per-module current each module is heading to, with the battery on the bus."""
     v_bat = conn.vehicle.battery_voltage()
+    if v_bat <= 0.0:
+        return [0.0] * len(conn.modules)
     if conn.discharging:
         if not discharge_allowed(conn):
             return [0.0] * len(conn.modules)
         wanted = min(conn.discharge_setpoint_kw * 1000.0 / v_bat, conn.vehicle.max_current)
         caps = [module_capability(m, v_bat) for m in conn.modules]
         return [-share for share in share_equally(wanted, caps)]
-    caps = [
-        module_capability(m, v_bat) if _can_push_into(m, v_bat) else 0.0 for m in conn.modules
-    ]
+    caps = [module_capability(m, v_bat) if _can_push_into(m, v_bat) else 0.0 for m in conn.modules]
     return share_equally(conn.vehicle.current_request(), caps)
 
 
@@ -367,7 +372,9 @@ def _module_temperature(m: SimModule, ambient: float, cooling: float, dt: float)
 
 def module_loss_w(conn: SimConnector) -> float:
     """Total conversion loss (W) of the connector's modules."""
-    return sum((1.0 - m.efficiency) * abs(m.output_voltage * m.output_current) for m in conn.modules)
+    return sum(
+        (1.0 - m.efficiency) * abs(m.output_voltage * m.output_current) for m in conn.modules
+    )
 
 
 # ======================================================================================
@@ -382,8 +389,9 @@ def _advance_battery(vehicle: SimVehicle, power_kw: float, dt: float) -> None:
     vehicle.soc = min(100.0, max(0.0, vehicle.soc + delta))
 
 
-def _advance_meter(conn: SimConnector, voltage: float, current: float, power_kw: float,
-                   dt: float, ambient: float) -> None:
+def _advance_meter(
+    conn: SimConnector, voltage: float, current: float, power_kw: float, dt: float, ambient: float
+) -> None:
     """Update the meter registers from the actual flow, unless the meter is frozen."""
     meter = conn.meter
     if meter.frozen:
@@ -474,7 +482,9 @@ def _load_rise(world: SimWorld, sensor: str, loss_w: float, cooling: float) -> f
     _, k_loss, _ = CABINET_SENSORS[sensor]
     rise = k_loss * loss_w / cooling
     if sensor == "ac_inlet":
-        grid_w = loss_w + sum(abs(connector_power_kw(c)) * 1000.0 for c in world.connectors.values())
+        grid_w = loss_w + sum(
+            abs(connector_power_kw(c)) * 1000.0 for c in world.connectors.values()
+        )
         rise += AC_INLET_K_PER_A2 * (grid_w / (3.0 * AC_PHASE_VOLTAGE)) ** 2
     elif sensor == "dc_outlet":
         dc = [abs(connector_current(c)) for c in world.connectors.values() if c.kind == "dc"]

@@ -180,8 +180,13 @@ def _connector_snapshot(conn: SimConnector) -> dict[str, Any]:
         "kind": conn.kind,
         "pilot": conn.pilot_state(),
         "pwm_duty_percent": _r(conn.pwm_duty_percent, 2),
-        "contactor": {"coil": c.coil, "closed": c.closed, "cycles": c.cycles,
-                      "weld": c.weld, "fail_to_close": c.fail_to_close},
+        "contactor": {
+            "coil": c.coil,
+            "closed": c.closed,
+            "cycles": c.cycles,
+            "weld": c.weld,
+            "fail_to_close": c.fail_to_close,
+        },
         "modules": [_module_snapshot(m) for m in conn.modules],
         "meter": _meter_snapshot(conn),
         "vehicle": _vehicle_snapshot(conn.vehicle),
@@ -209,8 +214,12 @@ def world_snapshot(world: SimWorld) -> dict[str, Any]:
         "temperatures": {k: _r(v, 2) for k, v in world.temperatures.items()},
         "extra_heat": {k: _r(v, 2) for k, v in world.extra_heat.items()},
         "fans": {
-            name: {"rpm": _r(f.rpm, 1), "duty_percent": _r(f.duty_percent, 1),
-                   "nominal_rpm": _r(f.nominal_rpm, 1), "slowdown": _r(f.slowdown, 3)}
+            name: {
+                "rpm": _r(f.rpm, 1),
+                "duty_percent": _r(f.duty_percent, 1),
+                "nominal_rpm": _r(f.nominal_rpm, 1),
+                "slowdown": _r(f.slowdown, 3),
+            }
             for name, f in world.fans.items()
         },
         "faults": active_faults(world),

@@ -1,0 +1,1 @@
+"""Tests of the charger-side API models."""
