@@ -1,4 +1,4 @@
-"""``python -m agent.store {check,recover} --state-dir DIR``: inspect or repair the state database."""
+"""``python -m agent.store {check,recover} --state-dir DIR``: inspect or repair the state DB."""
 
 from agent.store.db import main
 

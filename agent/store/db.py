@@ -131,11 +131,11 @@ class StoreCorruptError(StoreError):
         )
 
 
-def map_sqlite_error(exc: BaseException) -> BaseException:
+def map_sqlite_error(exc: BaseException, path: Path | None = None) -> BaseException:
     """Translate a :class:`sqlite3.Error` into the matching :class:`StoreError`.
 
     Any other exception (including SQLite errors without a special meaning, such as a
-    constraint violation) is returned unchanged.
+    constraint violation) is returned unchanged. ``path`` names the database in messages.
     """
     if not isinstance(exc, sqlite3.Error):
         return exc
@@ -147,7 +147,7 @@ def map_sqlite_error(exc: BaseException) -> BaseException:
     elif primary == _SQLITE_IOERR:
         mapped = StoreIOError(f"disk I/O error: {exc}")
     elif primary in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
-        mapped = StoreCorruptError(Path("?"), str(exc))
+        mapped = StoreCorruptError(path or Path(DB_FILENAME), str(exc))
     else:
         return exc
     mapped.__cause__ = exc
@@ -163,26 +163,29 @@ class StoreConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_telemetry_rows: int = Field(
-        50_000, ge=10, description="telemetry rows kept before the oldest half is thinned"
+        default=50_000, ge=10, description="telemetry rows kept before the oldest half is thinned"
     )
     max_bytes: int = Field(
-        128 * 1024 * 1024,
+        default=128 * 1024 * 1024,
         ge=64 * 1024,
         description="database size budget; above it telemetry is thinned down to nothing, "
-        "then a storage alarm is raised (records, events and statuses are never dropped)",
+        "then a storage alarm is raised (records, events and statuses are never dropped). "
+        "The WAL beside it adds up to about 4 MiB.",
     )
     command_retention_s: float = Field(
-        48 * 3600.0, ge=48 * 3600.0, description="seen command ids are kept at least this long"
+        default=48 * 3600.0,
+        ge=48 * 3600.0,
+        description="seen command ids are kept at least this long",
     )
     delivered_key_retention_s: float = Field(
-        7 * 24 * 3600.0,
+        default=7 * 24 * 3600.0,
         ge=3600.0,
         description="how long the idempotency key of a delivered outbox item is remembered",
     )
     integrity_check: Literal["quick", "full", "off"] = Field(
-        "quick", description="check run when the database is opened"
+        default="quick", description="check run when the database is opened"
     )
-    busy_timeout_ms: int = Field(5_000, ge=0, le=600_000)
+    busy_timeout_ms: int = Field(default=5_000, ge=0, le=600_000)
 
 
 # --------------------------------------------------------------------------- migrations
@@ -299,16 +302,22 @@ def _user_version(conn: sqlite3.Connection) -> int:
     return int(conn.execute("PRAGMA user_version").fetchone()[0])
 
 
-def _migrate(conn: sqlite3.Connection, path: Path, migrations: Sequence[Migration]) -> int:
-    """Bring the schema to ``len(migrations)``; each step commits with its version bump."""
+def _check_version(conn: sqlite3.Connection, path: Path, target: int) -> int:
+    """Return the file's schema version; raise :class:`StoreVersionError` if it is newer."""
     current = _user_version(conn)
-    target = len(migrations)
     if current > target:
         raise StoreVersionError(
             f"state database {path} has schema version {current}, but this agent only knows "
             f"versions up to {target}: it was written by a newer agent. Run that newer version "
             f"(or restore a backup of the state directory); the file was not modified."
         )
+    return current
+
+
+def _migrate(conn: sqlite3.Connection, path: Path, migrations: Sequence[Migration]) -> int:
+    """Bring the schema to ``len(migrations)``; each step commits with its version bump."""
+    target = len(migrations)
+    current = _check_version(conn, path, target)
     for version in range(current + 1, target + 1):
         migration = migrations[version - 1]
         try:
@@ -316,9 +325,8 @@ def _migrate(conn: sqlite3.Connection, path: Path, migrations: Sequence[Migratio
                 # executescript() COMMITs an open transaction before it starts, so the BEGIN is
                 # part of the script; it stops at the first failing statement, leaving the
                 # transaction open for the ROLLBACK below.
-                conn.executescript(
-                    f"BEGIN IMMEDIATE;\n{migration.step}\n;PRAGMA user_version = {version:d};\nCOMMIT;"
-                )
+                bump = f"PRAGMA user_version = {version:d};"
+                conn.executescript(f"BEGIN IMMEDIATE;\n{migration.step}\n;{bump}\nCOMMIT;")
             else:
                 conn.execute("BEGIN IMMEDIATE")
                 migration.step(conn)
@@ -327,7 +335,7 @@ def _migrate(conn: sqlite3.Connection, path: Path, migrations: Sequence[Migratio
         except Exception as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            mapped = map_sqlite_error(exc)
+            mapped = map_sqlite_error(exc, path)
             if isinstance(mapped, (StoreFullError, StoreIOError)):
                 raise mapped from exc
             raise StoreMigrationError(
@@ -353,6 +361,13 @@ def _open_connection(
     )
     try:
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms):d}")
+        # Checks first, settings after: a file we refuse is not modified at all.
+        _check_version(conn, path, len(migrations))
+        if integrity_check != "off":
+            pragma = "quick_check" if integrity_check == "quick" else "integrity_check"
+            rows = [str(r[0]) for r in conn.execute(f"PRAGMA {pragma}(20)").fetchall()]
+            if rows != ["ok"]:
+                raise StoreCorruptError(path, "; ".join(rows[:5]))
         if fresh:
             # Must precede the first table: lets thinning hand freed pages back to the file system.
             conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
@@ -364,11 +379,6 @@ def _open_connection(
         conn.execute("PRAGMA journal_size_limit = 4194304")
         if max_page_count is not None:
             conn.execute(f"PRAGMA max_page_count = {int(max_page_count):d}")
-        if integrity_check != "off":
-            pragma = "quick_check" if integrity_check == "quick" else "integrity_check"
-            rows = [str(r[0]) for r in conn.execute(f"PRAGMA {pragma}(20)").fetchall()]
-            if rows != ["ok"]:
-                raise StoreCorruptError(path, "; ".join(rows[:5]))
         _migrate(conn, path, migrations)
         return conn
     except StoreError:
@@ -376,7 +386,7 @@ def _open_connection(
         raise
     except sqlite3.Error as exc:
         conn.close()
-        mapped = map_sqlite_error(exc)
+        mapped = map_sqlite_error(exc, path)
         if isinstance(mapped, StoreCorruptError):
             raise StoreCorruptError(path, str(exc)) from exc
         raise mapped from exc
@@ -447,6 +457,7 @@ class StateDB:
         self._thread: threading.Thread | None = None
         self._lock_fd: int | None = None
         self._closed = False
+        self._close_requested = False
         self._stopped = threading.Event()
         self._submit_lock = threading.Lock()
 
@@ -465,9 +476,10 @@ class StateDB:
 
         Creates ``state_dir`` with mode 0700 if it does not exist, takes the state
         directory's lock, checks integrity and applies pending migrations -- all before
-        returning. Raises :class:`StoreLockedError`, :class:`StoreCorruptError`,
-        :class:`StoreVersionError` or :class:`StoreMigrationError` with a message meant for
-        the operator; in every such case nothing was modified.
+        returning. Raises :class:`StoreLockedError`, :class:`StoreCorruptError` or
+        :class:`StoreVersionError` (the file was not modified), or :class:`StoreMigrationError`
+        (the file stays at the last fully applied schema version), each with a message meant
+        for the operator; the lock is released again in every case.
         """
         cfg = config or StoreConfig()
         db = cls(
@@ -502,14 +514,16 @@ class StateDB:
         Idempotent. Jobs submitted after ``close()`` started raise :class:`StoreClosedError`.
         """
         with self._submit_lock:
-            if self._closed:
-                return
+            first = not self._close_requested
+            self._close_requested = True
             self._closed = True
-            self._queue.put(_STOP)
+            if first:
+                self._queue.put(_STOP)
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
-        self._release_lock()
-        log.info("store.closed", path=str(self.path))
+        self._release_lock()  # also after the writer stopped by itself
+        if first:
+            log.info("store.closed", path=str(self.path))
 
     @property
     def closed(self) -> bool:
@@ -569,7 +583,7 @@ class StateDB:
                 busy_timeout_ms=self._busy_timeout_ms,
                 max_page_count=self._max_page_count,
             )
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - handed to the opener, re-raised there
             self._stopped.set()
             ready.set_exception(exc)
             return
@@ -598,7 +612,7 @@ class StateDB:
                 self._run_batch(conn, batch)
                 if stop:
                     break
-        except BaseException as exc:  # a bug in the machinery itself: fail loudly, not silently
+        except BaseException as exc:  # noqa: BLE001 - a bug in the machinery: log, fail queued jobs
             log.error("store.writer_crashed", error=repr(exc))
         finally:
             self._stopped.set()
@@ -640,28 +654,28 @@ class StateDB:
                     conn.execute("SAVEPOINT job")
                     try:
                         result = job.fn(conn)
-                    except Exception as exc:
+                    except Exception as exc:  # noqa: BLE001 - becomes the job's result
                         if conn.in_transaction:
                             conn.execute("ROLLBACK TO job")
                             conn.execute("RELEASE job")
-                            outcome.failed.append((job, map_sqlite_error(exc)))
+                            outcome.failed.append((job, map_sqlite_error(exc, self.path)))
                             continue
                         # SQLite rolled the whole group back (e.g. disk full): this job fails,
                         # every other unfailed job is run again from scratch.
-                        outcome.failed.append((job, map_sqlite_error(exc)))
+                        outcome.failed.append((job, map_sqlite_error(exc, self.path)))
                         restart = True
                         break
                     conn.execute("RELEASE job")
                     outcome.done.append((job, result))
                 if not restart:
                     conn.execute("COMMIT")
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - fails every job of the group
                 if conn.in_transaction:
                     try:
                         conn.execute("ROLLBACK")
                     except sqlite3.Error:
                         pass
-                error = map_sqlite_error(exc)
+                error = map_sqlite_error(exc, self.path)
                 log.warning("store.commit_failed", error=str(error), jobs=len(pending))
                 failed_jobs = {id(job) for job, _ in outcome.failed}
                 for job, err in outcome.failed:
@@ -680,7 +694,7 @@ class StateDB:
                 if job.on_commit is not None:
                     try:
                         job.on_commit(result)
-                    except Exception as exc:
+                    except Exception as exc:  # noqa: BLE001 - the commit stands; report the bug
                         log.error("store.on_commit_failed", error=repr(exc))
                 self._resolve(job, result, None)
             return
@@ -795,7 +809,7 @@ def recover_database(state_dir: str | os.PathLike[str]) -> RecoveryReport:
                 side = Path(str(path) + suffix)
                 if side.exists():
                     os.replace(side, Path(str(moved_to) + suffix))
-            _fsync_dir(directory)
+            fsync_dir(directory)
         fresh = _open_connection(
             path,
             migrations=MIGRATIONS,
@@ -867,7 +881,8 @@ def _insert_salvaged(
     return count
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """fsync a directory so a rename or create inside it survives a power cut."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -881,8 +896,10 @@ def check_database(state_dir: str | os.PathLike[str]) -> list[str]:
     ``["ok"]`` means healthy. Opens the file read-only and does not need the agent stopped.
     """
     path = Path(state_dir) / DB_FILENAME
+    if not path.is_file():
+        return [f"no state database at {path}"]
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
     except sqlite3.Error as exc:
         return [str(exc)]
     try:
@@ -894,15 +911,20 @@ def check_database(state_dir: str | os.PathLike[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m agent.store {check,recover} --state-dir DIR``. Exit 0 ok, 1 damaged/failed, 2 usage."""
+    """``python -m agent.store {check,recover} --state-dir DIR``.
+
+    Exit codes: 0 ok, 1 damaged database or failed recovery, 2 bad usage.
+    """
     parser = argparse.ArgumentParser(
         prog="python -m agent.store", description="Inspect or repair the agent's state database."
     )
     sub = parser.add_subparsers(dest="verb", required=True)
+    recover_help = (
+        "move a damaged agent.db aside and rebuild it from its readable rows (stop the agent first)"
+    )
     for verb, text in (
         ("check", "run a full integrity check (read-only; safe while the agent runs)"),
-        ("recover", "move a damaged agent.db aside and rebuild it from its readable rows "
-                    "(stop the agent first)"),
+        ("recover", recover_help),
     ):
         p = sub.add_parser(verb, help=text, description=text)
         p.add_argument("--state-dir", required=True, help="the agent's state directory")

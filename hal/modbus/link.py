@@ -38,6 +38,7 @@ high word first, as every device in this package uses).
 from __future__ import annotations
 
 import asyncio
+import struct
 from collections.abc import Sequence
 from typing import Any, Literal, cast
 
@@ -160,7 +161,7 @@ def encode_registers(values: Sequence[float] | Sequence[int], data_type: Any) ->
         return ModbusClientMixin.convert_to_registers(
             cast(list[float], list(values)), data_type, word_order="big"
         )
-    except Exception as exc:  # struct.error for out-of-range values
+    except (struct.error, TypeError, ModbusException) as exc:
         raise ValueError(f"cannot encode {list(values)!r} as {data_type.name}: {exc}") from exc
 
 
@@ -279,7 +280,9 @@ class ModbusLink:
             self._stats["requests"] += 1
             try:
                 if function_code == _FC_READ_INPUT:
-                    rr = await client.read_input_registers(address, count=count, device_id=device_id)
+                    rr = await client.read_input_registers(
+                        address, count=count, device_id=device_id
+                    )
                 elif function_code == _FC_READ_HOLDING:
                     rr = await client.read_holding_registers(
                         address, count=count, device_id=device_id
@@ -302,7 +305,9 @@ class ModbusLink:
                     device_id,
                 ) from exc
             except (ModbusException, OSError) as exc:
-                raise self._fail("transport_error", f"{type(exc).__name__}: {exc}", device_id) from exc
+                raise self._fail(
+                    "transport_error", f"{type(exc).__name__}: {exc}", device_id
+                ) from exc
             return self._check_answer(rr, function_code, address, count, device_id)
 
     def _check_answer(
@@ -403,7 +408,10 @@ class ModbusLink:
             if first:  # log the outage once, not on every retry
                 self._log.warning("modbus.link_open_failed", error=error, retry_in_s=backoff)
             raise ModbusLinkError(
-                self.name, "no_connection", f"cannot open {self.endpoint}: {error}", device_id=device_id
+                self.name,
+                "no_connection",
+                f"cannot open {self.endpoint}: {error}",
+                device_id=device_id,
             )
         self._stats["connects"] += 1
         if self._last_connect_error is not None or self._ever_connected:

@@ -21,6 +21,8 @@ Contract of :class:`PolledDevice`:
   Without a fresh value ``_fresh_value()`` is ``None`` and ``health()`` is
   ``STALE``/``comm_timeout`` with the last error as detail. Loss is logged once
   (warning) and recovery once (info); old values are never presented as new.
+* ``probe()`` polls once on demand (also when not started) and returns a dict
+  with the reading or the error; it never publishes the value.
 * Health precedence: OFFLINE (not started) > STALE > the device health set by the
   driver (FAULT/DEGRADED) > DEGRADED/``garbage_frames`` (the last poll was
   garbage) > OK. Device-health changes are logged once per change.
@@ -33,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+from abc import ABC, abstractmethod
 from dataclasses import asdict, is_dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
@@ -70,7 +73,7 @@ class PolledOptions(StrictModel):
     )
 
     @model_validator(mode="after")
-    def _stale_after_poll(self) -> "PolledOptions":
+    def _stale_after_poll(self) -> PolledOptions:
         if self.stale_after_s <= self.poll_interval_s:
             raise ValueError(
                 f"stale_after_s ({self.stale_after_s}) must be longer than "
@@ -106,7 +109,7 @@ class MeterOptions(PolledOptions):
     )
 
     @model_validator(mode="after")
-    def _identical_span(self) -> "MeterOptions":
+    def _identical_span(self) -> MeterOptions:
         span = self.freeze_identical_polls * self.poll_interval_s
         if span < 2.0:
             raise ValueError(
@@ -116,7 +119,7 @@ class MeterOptions(PolledOptions):
         return self
 
 
-def resolve_link(ctx: "BuildContext", name: str, device: str) -> ModbusLink:
+def resolve_link(ctx: BuildContext, name: str, device: str) -> ModbusLink:
     """The shared link called ``name``; :class:`ValueError` naming the known links if absent."""
     if name not in ctx.modbus_configs:
         known = ", ".join(sorted(ctx.modbus_configs)) or "none"
@@ -124,7 +127,7 @@ def resolve_link(ctx: "BuildContext", name: str, device: str) -> ModbusLink:
     return ctx.modbus_link(name)
 
 
-class PolledDevice(Generic[R]):
+class PolledDevice(ABC, Generic[R]):
     """Base class of the Modbus drivers (see the module docstring for the contract)."""
 
     #: Driver name as registered in :mod:`hal.registry` (for logs and ``describe()``).
@@ -182,7 +185,7 @@ class PolledDevice(Generic[R]):
         self._first_attempt = asyncio.Event()
         self._task = asyncio.create_task(self._run(), name=f"modbus-poll:{self.name}")
         self._log.info("modbus.device_started", poll_interval_s=self._poll_interval_s)
-        with contextlib.suppress(asyncio.TimeoutError):
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(
                 self._first_attempt.wait(), timeout=self._link.config.timeout_s + 1.0
             )
@@ -209,13 +212,13 @@ class PolledDevice(Generic[R]):
 
     # -- for subclasses --------------------------------------------------
 
+    @abstractmethod
     async def _poll(self) -> R:
         """Talk to the device once and return one consistent reading.
 
         Raise :class:`ModbusLinkError` (comm failure) or :class:`DeviceDataError`
         (garbage). Call ``_set_device_health()`` for device-side faults.
         """
-        raise NotImplementedError
 
     def _set_device_health(self, health: Health | None) -> None:
         """Set (or clear with ``None``) the device-side health; logs each change once."""
@@ -269,8 +272,7 @@ class PolledDevice(Generic[R]):
                 self._first_attempt.set()
             next_at += self._poll_interval_s
             now = loop.time()
-            if next_at < now:
-                next_at = now
+            next_at = max(next_at, now)
             await asyncio.sleep(next_at - now)
 
     async def _poll_guarded(self) -> None:
@@ -288,7 +290,7 @@ class PolledDevice(Generic[R]):
             self._last_error = f"bad data: {exc}"
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # a driver bug must not kill the poll task
+        except Exception as exc:  # noqa: BLE001 - a driver bug must not kill the poll task
             self._counters["failures"] += 1
             self._last_error = f"internal error: {type(exc).__name__}: {exc}"
             self._log.exception("modbus.poll_crashed")
@@ -338,6 +340,30 @@ class PolledDevice(Generic[R]):
         if self._last_poll_garbage:
             return Health(HealthState.DEGRADED, "garbage_frames", self._last_error)
         return Health()
+
+    async def probe(self) -> dict[str, Any]:
+        """Poll the device once, now, for the ``probe`` command (works without ``start()``).
+
+        Returns ``{"ok": True, "reading": {...}, "elapsed_s": ...}`` or
+        ``{"ok": False, "error": "<reason>: <detail>", "elapsed_s": ...}``; never
+        raises for comm or data problems. Does not publish the probed value.
+        """
+        self._link.acquire()
+        t0 = monotonic()
+        try:
+            value = await self._poll()
+        except ModbusLinkError as exc:
+            result: dict[str, Any] = {"ok": False, "error": f"{exc.reason}: {exc.detail}"}
+        except DeviceDataError as exc:
+            result = {"ok": False, "error": f"bad data: {exc}"}
+        else:
+            reading = asdict(value) if is_dataclass(value) else repr(value)
+            result = {"ok": True, "reading": reading}
+        finally:
+            await self._link.release()
+        result["elapsed_s"] = round(monotonic() - t0, 3)
+        result.update({"device": self.name, "driver": self.driver, "unit_id": self._unit_id})
+        return result
 
     def describe(self) -> dict[str, Any]:
         """Static and live facts for ``probe``/``status`` output (never does I/O)."""
