@@ -31,6 +31,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from hal import registry
+from agent.store.db import StoreConfig
 from hal.config import CanBusConfig, ModbusLinkConfig, StrictModel
 
 SIM_ROOT_TOKEN = "{sim_root}"
@@ -212,6 +213,7 @@ class AgentConfig(StrictModel):
     thermal: DeviceSection | None = None
     connectors: list[ConnectorConfig] = Field(..., min_length=1)
     charging: ChargingSection = ChargingSection()
+    store: StoreConfig = StoreConfig()
     logging: LoggingSection = LoggingSection()
     sim: SimSection | None = None
 
@@ -255,7 +257,7 @@ def _describe(err: Any, known: Iterable[str]) -> str:
     msg = str(err["msg"])
     if msg.startswith("Value error, "):
         msg = "expected " + msg[len("Value error, ") :]
-    if "input" in err and kind not in ("missing",) and not isinstance(err["input"], (dict, list)):
+    if "input" in err and "(got " not in msg and not isinstance(err["input"], (dict, list)):
         msg += f" (got {err['input']!r})"
     return msg
 
@@ -397,23 +399,48 @@ def load_config(path: str | Path, *, sim_root: Path | None = None) -> LoadedConf
             root = Path(tempfile.mkdtemp(prefix="charger-sim-"))
         raw = _substitute(raw, str(root), [False])
 
-    try:
-        cfg = AgentConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(_problems(file, exc, AgentConfig)) from None
-
+    # driver options are validated from the raw tables too, so one run reports
+    # misspelt driver options together with problems in the core keys
     problems: list[str] = []
-    for loc, kind, section in _device_sections(cfg):
+    options: dict[tuple[Any, ...], BaseModel] = {}
+    for loc, kind, table in _raw_device_sections(raw):
+        driver = table.get("driver")
+        if not isinstance(driver, str):
+            continue  # the core model reports the missing/invalid driver key
         try:
-            spec = registry.lookup(kind, section.driver)
+            spec = registry.lookup(kind, driver)
         except registry.UnknownDriver as exc:
             problems.append(f"{file}: {_key(loc)}.driver: {exc}")
             continue
         try:
-            section._options = spec.options_model.model_validate(section.raw_options())
+            options[loc] = spec.options_model.model_validate({k: v for k, v in table.items() if k != "driver"})
         except ValidationError as exc:
             problems.extend(_problems(file, exc, spec.options_model, loc))
+    try:
+        cfg = AgentConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_problems(file, exc, AgentConfig) + problems) from None
+    for loc, _kind, section in _device_sections(cfg):
+        section._options = options.get(loc)
     problems.extend(_cross_checks(file, cfg))
     if problems:
         raise ConfigError(problems)
     return LoadedConfig(path=file, model=cfg, sim_root=root)
+
+
+def _raw_device_sections(raw: dict[str, Any]) -> list[tuple[tuple[Any, ...], str, dict[str, Any]]]:
+    out: list[tuple[tuple[Any, ...], str, dict[str, Any]]] = []
+    connectors = raw.get("connectors")
+    if isinstance(connectors, list):
+        for i, conn in enumerate(connectors):
+            if not isinstance(conn, dict):
+                continue
+            for attr in ("power_modules", "meter", "contactor", "vehicle"):
+                if isinstance(conn.get(attr), dict):
+                    out.append((("connectors", i, attr), attr if attr != "power_modules" else "power_modules", conn[attr]))
+    imd = raw.get("imd")
+    if isinstance(imd, dict):
+        out.extend((("imd", name), "imd", t) for name, t in imd.items() if isinstance(t, dict))
+    if isinstance(raw.get("thermal"), dict):
+        out.append((("thermal",), "thermal", raw["thermal"]))
+    return out

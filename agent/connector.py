@@ -46,6 +46,7 @@ from hal.interfaces import (
 log = structlog.get_logger(__name__)
 
 AC_NOMINAL_VOLTAGE = 230.0
+PILOT_ERROR_GRACE_S = 0.5
 
 
 class ConnectorState(enum.StrEnum):
@@ -90,7 +91,9 @@ class ConnectorListener(Protocol):
     def event(self, connector_id: int, event_type: str, data: dict[str, Any]) -> None: ...
     def session_started(self, session: Session) -> None: ...
     def session_progress(self, session: Session) -> None: ...
-    def session_finished(self, session: Session, record: dict[str, Any]) -> None: ...
+    def session_finished(self, session: Session, record: dict[str, Any], stop_event: dict[str, Any]) -> None:
+        """The record and its ``stop`` event data: persisted together, exactly once."""
+        ...
     def command_status(
         self, command_id: str, status: str, message: str | None = None, details: dict[str, Any] | None = None
     ) -> None: ...
@@ -144,6 +147,7 @@ class Connector:
         self._last_checkpoint = 0.0
         self._meter_bad_since: float | None = None
         self._mirror_closed_since: float | None = None
+        self._pilot_bad_since: float | None = None
         self._latched: set[str] = set()  # faults found by a session procedure: cleared at plug-out
         self.last_isolation_kohm: float | None = None
         self.last_isolation_at: str | None = None
@@ -344,7 +348,14 @@ class Connector:
         pilot_bad = status.pilot in (PilotState.E, PilotState.UNKNOWN) or (
             status.pilot is PilotState.F and status.pwm_duty_percent > 0
         )
-        self._set_fault("F-0801", cid, pilot_bad, pilot=status.pilot.value, detail=status.health.detail)
+        # a pilot reading that is briefly unknown (start-up debounce, a transition
+        # between windows) is not an error; one that stays so is
+        if pilot_bad and self._pilot_bad_since is None:
+            self._pilot_bad_since = now
+        if not pilot_bad:
+            self._pilot_bad_since = None
+        pilot_error = self._pilot_bad_since is not None and now - self._pilot_bad_since >= PILOT_ERROR_GRACE_S
+        self._set_fault("F-0801", cid, pilot_error, pilot=status.pilot.value, detail=status.health.detail)
 
         meter_health = self.hw.meter.health()
         meter_bad = self.hw.meter.reading() is None
@@ -570,7 +581,7 @@ class Connector:
         if status.pilot is PilotState.A:
             self.faults.raise_("F-0805", self.id, stop_reason="ev_disconnected", record_id=session.record_id)
             raise SessionAbort("ev_disconnected", "vehicle unplugged during the session")
-        if status.pilot not in (PilotState.B, PilotState.C, PilotState.D):
+        if status.pilot in (PilotState.E, PilotState.F) or self.faults.is_active("F-0801", self.id):
             raise SessionAbort("fault", f"control pilot in state {status.pilot.value}", "F-0801", pilot=status.pilot.value)
         self._abort_on_blocking_faults()
         if self._stop is not None:
@@ -664,8 +675,7 @@ class Connector:
             extensions=self.cdr_extensions,
         )
         self.session = None
-        self.listener.event(self.id, "stop", {"reason": stop_reason})
-        self.listener.session_finished(session, record)
+        self.listener.session_finished(session, record, {"reason": stop_reason})
         duration = int(self.clock() - session.started_mono)
         if session.request.command_id:
             clean = stop_reason in CLEAN_STOPS

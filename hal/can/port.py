@@ -27,14 +27,15 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import can
 import structlog
 
 from hal.config import CanBusConfig
-from hal.interfaces import Health, HealthState, OK
+from hal.interfaces import OK, Health, HealthState
 
 log = structlog.get_logger(__name__)
 
@@ -74,12 +75,13 @@ class PortCounters:
     rx: int = 0  # data frames received
     tx_errors: int = 0  # sends that raised can.CanError
     tx_dropped: int = 0  # frames never sent (queue full, port closed)
+    tx_cancelled: int = 0  # frames withdrawn by their sender before they were sent
     rx_error_frames: int = 0  # error frames received (any class)
     rx_errors: int = 0  # exceptions raised by bus.recv
 
 
 class _Listener(can.Listener):
-    def __init__(self, port: "CanPort") -> None:
+    def __init__(self, port: CanPort) -> None:
         self._port = port
 
     def on_message_received(self, msg: can.Message) -> None:
@@ -94,7 +96,7 @@ class _TxItem:
     priority: int  # 0 urgent, 1 normal
     seq: int  # FIFO within one priority
     msg: can.Message = field(compare=False)
-    done: "asyncio.Future[bool]" = field(compare=False)
+    done: asyncio.Future[bool] = field(compare=False)
 
 
 class CanPort:
@@ -108,6 +110,7 @@ class CanPort:
     * ``send(msg, urgent=False)`` never blocks: it queues the frame and returns a
       future that resolves to ``True`` once the frame was handed to the bus and to
       ``False`` if sending failed, the frame was dropped or the port closed.
+      Cancelling the future before the frame went out withdraws the frame.
       Raises :class:`RuntimeError` if the port is not open.
     * ``await flush()`` returns when every frame queued so far has been handled.
     * ``health()`` is ``OFFLINE`` while closed, ``FAULT``/``transport_error`` after a
@@ -132,7 +135,7 @@ class CanPort:
         self._send_failed: str | None = None
         self._bus_off = False
         self._health: Health = Health(HealthState.OFFLINE, None, "not open")
-        self._tx = self._rx = self._tx_errors = self._tx_dropped = 0
+        self._tx = self._rx = self._tx_errors = self._tx_dropped = self._tx_cancelled = 0
         self._rx_error_frames = self._rx_errors = 0
 
     # ------------------------------------------------------------------ lifecycle
@@ -208,8 +211,9 @@ class CanPort:
         if queue is not None:
             while not queue.empty():
                 item = queue.get_nowait()
-                self._resolve(item, False)
-                self._tx_dropped += 1
+                if not item.done.cancelled():
+                    self._resolve(item, False)
+                    self._tx_dropped += 1
                 queue.task_done()
         self._queue = None
         if notifier is not None:
@@ -242,7 +246,7 @@ class CanPort:
 
     # ------------------------------------------------------------------ transmit
 
-    def send(self, msg: can.Message, urgent: bool = False) -> "asyncio.Future[bool]":
+    def send(self, msg: can.Message, urgent: bool = False) -> asyncio.Future[bool]:
         """Queue ``msg`` for the transmit task; see the class contract."""
         if self._queue is None or self._loop is None:
             raise RuntimeError(f"CAN bus '{self.name}' is not open")
@@ -272,6 +276,9 @@ class CanPort:
                 await asyncio.sleep(delay)
             item = await queue.get()
             try:
+                if item.done.cancelled():
+                    self._tx_cancelled += 1  # withdrawn by its sender (e.g. ON overtaken by OFF)
+                    continue
                 last = loop.time()
                 self._resolve(item, self._transmit(item.msg))
             finally:
@@ -357,6 +364,7 @@ class CanPort:
             rx=self._rx,
             tx_errors=self._tx_errors,
             tx_dropped=self._tx_dropped,
+            tx_cancelled=self._tx_cancelled,
             rx_error_frames=self._rx_error_frames,
             rx_errors=self._rx_errors,
         )
@@ -400,6 +408,7 @@ class CanPort:
                 "rx": c.rx,
                 "tx_errors": c.tx_errors,
                 "tx_dropped": c.tx_dropped,
+                "tx_cancelled": c.tx_cancelled,
                 "rx_error_frames": c.rx_error_frames,
                 "rx_errors": c.rx_errors,
             },

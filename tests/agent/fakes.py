@@ -245,8 +245,9 @@ class RecordingListener:
     def session_progress(self, session: Any) -> None:
         self.progress += 1
 
-    def session_finished(self, session: Any, record: dict[str, Any]) -> None:
+    def session_finished(self, session: Any, record: dict[str, Any], stop_event: dict[str, Any]) -> None:
         self.records.append(record)
+        self.events.append(("stop", stop_event))
 
     def command_status(
         self, command_id: str, status: str, message: str | None = None, details: dict[str, Any] | None = None

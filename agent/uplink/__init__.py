@@ -1,0 +1,1 @@
+"""The platform uplink: reads the outbox, feeds the dispatcher, never touches charging."""

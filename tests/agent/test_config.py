@@ -1,0 +1,81 @@
+"""Config loading: shipped configs are valid; every problem is one readable line; exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+SIM = (ROOT / "config" / "sim.toml").read_text()
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "config").glob("*.toml")))
+def test_shipped_configs_are_valid(name: str) -> None:
+    loaded = load_config(ROOT / "config" / name)
+    assert loaded.model.connectors
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "agent.toml"
+    path.write_text(text)
+    return path
+
+
+def problems(tmp_path: Path, text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    return info.value.problems
+
+
+def test_misspelt_driver_option_names_file_key_and_suggestion(tmp_path: Path) -> None:
+    text = SIM.replace("link = \"dc_meter\"\nunit_id = 1\npoll_interval_s", "link = \"dc_meter\"\nunit_id = 1\npol_interval_s")
+    lines = problems(tmp_path, text)
+    assert lines == [f"{tmp_path / 'agent.toml'}: connectors[0].meter.pol_interval_s: unknown key (did you mean 'poll_interval_s'?)"]
+
+
+def test_misspelt_core_key_and_bad_range_reported_together(tmp_path: Path) -> None:
+    text = SIM.replace("heartbeat_interval_s = 30", "heartbeat_intervall_s = 30").replace("group = 1", "group = 99")
+    lines = problems(tmp_path, text)
+    assert any("platform.heartbeat_intervall_s: unknown key (did you mean 'heartbeat_interval_s'?)" in l for l in lines)
+    assert any("connectors[0].power_modules.group:" in l and "99" in l for l in lines)
+    assert all(l.startswith(str(tmp_path / "agent.toml") + ": ") for l in lines)
+
+
+def test_unknown_driver_lists_the_choices(tmp_path: Path) -> None:
+    lines = problems(tmp_path, SIM.replace('driver = "infypower"', 'driver = "infypwr"'))
+    assert lines == [
+        f"{tmp_path / 'agent.toml'}: connectors[0].power_modules.driver: unknown power_modules driver 'infypwr' (expected one of: infypower, winline)"
+    ]
+
+
+def test_cross_references_are_checked(tmp_path: Path) -> None:
+    text = SIM.replace('bus = "modules"', 'bus = "can9"').replace('imd = "dc1"', 'imd = "dc9"')
+    lines = problems(tmp_path, text)
+    assert any("connectors[0].power_modules.bus: expected the name of a [can.<name>] bus (modules), got 'can9'" in l for l in lines)
+    assert any("connectors[0].imd:" in l and "'dc9'" in l for l in lines)
+
+
+def test_insecure_platform_url_is_refused(tmp_path: Path) -> None:
+    lines = problems(tmp_path, SIM.replace("http://127.0.0.1:8080/v1", "http://platform.example.com/v1"))
+    assert len(lines) == 1 and "platform.url" in lines[0] and "https" in lines[0]
+
+
+def test_bad_toml_and_missing_file(tmp_path: Path) -> None:
+    assert "not valid TOML" in problems(tmp_path, "x = [")[0]
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_cli_prints_one_line_per_problem_and_exits_2(tmp_path: Path) -> None:
+    path = write(tmp_path, SIM.replace("unit_id = 3", "unit_id = 3\nunitid = 4"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent", "probe", "--config", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"{path}: imd.dc1.unitid: unknown key (did you mean 'unit_id'?)"
+    assert "Traceback" not in proc.stderr
