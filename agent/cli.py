@@ -16,7 +16,8 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
 def _load(args: argparse.Namespace) -> LoadedConfig:
-    loaded = load_config(args.config)
+    sim_root = getattr(args, "sim_root", None)
+    loaded = load_config(args.config, sim_root=Path(sim_root) if sim_root else None)
     cfg = loaded.model
     if getattr(args, "platform_url", None):
         try:
@@ -124,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(p)
     p.add_argument("--platform-url", help="API base ending in /v1 (overrides [platform] url)")
     p.add_argument("--state-dir", help="state directory (overrides [charger] state_dir)")
+    p.add_argument("--sim-root", help="simulator file root (overrides [sim] root)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("probe", help="read every configured device once and report (wiring check)")
@@ -134,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sim", help="run only the simulated devices of a config (bench on vcan0)")
     with_config(p)
+    p.add_argument("--sim-root", help="simulator file root (overrides [sim] root)")
     p.set_defaults(func=cmd_sim)
 
     p = sub.add_parser("emulator", help="run the local platform emulator (see: charger-agent emulator -- --help)")

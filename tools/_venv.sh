@@ -4,7 +4,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
 PY="${PYTHON:-python3}"
-want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)-${1:-base}"
+want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
 if [[ ! -x "$VENV/bin/python" ]]; then
   echo "tools: creating $VENV" >&2
   "$PY" -m venv "$VENV"
@@ -12,11 +12,8 @@ fi
 if [[ "$(cat "$VENV/.stamp" 2>/dev/null)" != "$want" ]]; then
   echo "tools: installing charger-agent into $VENV (first run takes a minute)" >&2
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
-  if [[ "${1:-base}" == "test" ]]; then
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[test]"
-  else
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT"
-  fi
+  # one install (with the test extras) serves both ./tools/demo and ./tools/test
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[test]"
   echo "$want" > "$VENV/.stamp"
 fi
 export PATH="$VENV/bin:$PATH"
