@@ -121,7 +121,11 @@ class GpioContactor:
             default=True, description="mirror contact closed == electrical low"
         )
         mirror_bias: BiasName = Field(
-            default="pull_down", description="input bias of the mirror line"
+            default="pull_up",
+            description=(
+                "input bias of the mirror line; with the default active-low wiring, pull_up "
+                "makes a broken mirror wire read 'main contacts not confirmed open' (fail-safe)"
+            ),
         )
         close_timeout_ms: float = Field(default=150.0, gt=0.0, le=10_000.0)
         open_timeout_ms: float = Field(default=150.0, gt=0.0, le=10_000.0)

@@ -406,3 +406,24 @@ async def test_cancelled_close_releases_the_coil(rig: Rig) -> None:
     with pytest.raises(asyncio.CancelledError):
         await closing
     assert not c.status().coil_energised and rig.coil_file() == "0"
+
+
+async def test_broken_mirror_wire_never_reads_open_with_default_wiring(tmp_path: Path) -> None:
+    """Default wiring (active-low, pull-up): an undriven mirror input must not confirm 'open'."""
+    from hal.gpio.lines import sim_value_path
+
+    root, state = tmp_path / "gpio", tmp_path / "state"
+    options = GpioContactor.Options(backend="sim", root=str(root), chip=CHIP, coil_line=COIL, mirror_line=MIRROR)
+    assert options.mirror_bias == "pull_up"
+    sim_value_path(root, CHIP, MIRROR).parent.mkdir(parents=True, exist_ok=True)  # the line exists, nothing drives it
+    driver = GpioContactor("dc1", options, BuildContext(can={}, modbus={}, state_dir=state, connector_id=1))
+    await driver.start()
+    try:
+        await asyncio.sleep(0.05)
+        assert driver.status().mirror_says_open is False
+        with pytest.raises(ContactorError) as info:
+            await driver.close()
+        assert info.value.code == "contactor_welded"
+        assert driver.status().coil_energised is False
+    finally:
+        await driver.stop()

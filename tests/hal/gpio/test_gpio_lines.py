@@ -49,7 +49,7 @@ def test_registry_resolves_gpio_contactor() -> None:
 
 def test_options_defaults() -> None:
     o = GpioContactor.Options(chip="/dev/gpiochip0", coil_line=1, mirror_line=2)
-    assert (o.backend, o.mirror_active_low, o.mirror_bias) == ("gpiod", True, "pull_down")
+    assert (o.backend, o.mirror_active_low, o.mirror_bias) == ("gpiod", True, "pull_up")
     assert (o.close_timeout_ms, o.open_timeout_ms, o.debounce_ms, o.rated_cycles) == (
         150,
         150,
