@@ -136,6 +136,7 @@ class ConnectorConfig(StrictModel):
     meter: DeviceSection
     contactor: DeviceSection
     vehicle: DeviceSection
+    bidirectional: DeviceSection | None = Field(None, description="V2G stage (discharge)")
     imd: str | None = Field(None, description="name of an [imd.<name>] device")
     outlet_sensor: str | None = Field(None, description="thermal sensor name for this outlet")
 
@@ -316,6 +317,7 @@ def _device_sections(cfg: AgentConfig) -> list[tuple[tuple[Any, ...], str, Devic
             ("meter", "meter"),
             ("contactor", "contactor"),
             ("vehicle", "vehicle"),
+            ("bidirectional", "bidirectional"),
         ):
             section = getattr(conn, attr)
             if section is not None:
@@ -341,6 +343,8 @@ def _cross_checks(file: Path, cfg: AgentConfig) -> list[str]:
         if conn.imd is not None and conn.imd not in cfg.imd:
             known = ", ".join(sorted(cfg.imd)) or "none defined"
             problems.append(f"{where}.imd: expected the name of an [imd.<name>] section ({known}), got {conn.imd!r}")
+        if conn.bidirectional is not None and (conn.kind != "dc" or not cfg.charger.v2g_capable):
+            problems.append(f"{where}.bidirectional: a V2G stage needs a DC connector and [charger] v2g_capable = true")
         if conn.min_voltage_v >= conn.max_voltage_v:
             problems.append(f"{where}.min_voltage_v: expected less than max_voltage_v")
     in_process = cfg.sim is not None and cfg.sim.in_process
@@ -435,9 +439,9 @@ def _raw_device_sections(raw: dict[str, Any]) -> list[tuple[tuple[Any, ...], str
         for i, conn in enumerate(connectors):
             if not isinstance(conn, dict):
                 continue
-            for attr in ("power_modules", "meter", "contactor", "vehicle"):
+            for attr in ("power_modules", "meter", "contactor", "vehicle", "bidirectional"):
                 if isinstance(conn.get(attr), dict):
-                    out.append((("connectors", i, attr), attr if attr != "power_modules" else "power_modules", conn[attr]))
+                    out.append((("connectors", i, attr), attr, conn[attr]))
     imd = raw.get("imd")
     if isinstance(imd, dict):
         out.extend((("imd", name), "imd", t) for name, t in imd.items() if isinstance(t, dict))

@@ -31,6 +31,7 @@ from agent.config import ChargingSection, ConnectorConfig
 from agent.faults import FaultBoard
 from agent.session import CLEAN_STOPS, Session, SessionRequest, build_record, iso, utc_now
 from hal.interfaces import (
+    Bidirectional,
     Contactor,
     ContactorError,
     EnergyMeter,
@@ -47,6 +48,7 @@ log = structlog.get_logger(__name__)
 
 AC_NOMINAL_VOLTAGE = 230.0
 PILOT_ERROR_GRACE_S = 0.5
+DEFAULT_V2G_MIN_SOC = 20  # typical BMS floor (fault dictionary, F-0702)
 
 
 class ConnectorState(enum.StrEnum):
@@ -109,6 +111,7 @@ class ConnectorHardware:
     modules: PowerModules | None = None
     imd: InsulationMonitor | None = None
     thermal: Thermal | None = None
+    bidirectional: Bidirectional | None = None
 
 
 class Connector:
@@ -162,6 +165,10 @@ class Connector:
     def is_dc(self) -> bool:
         return self.config.kind == "dc"
 
+    @property
+    def supports_discharge(self) -> bool:
+        return self.is_dc and self.hw.bidirectional is not None
+
     def in_session(self) -> bool:
         return self.session is not None or self.state in (ConnectorState.PREPARING, ConnectorState.FINISHING)
 
@@ -175,6 +182,8 @@ class Connector:
             raise Rejected(f"connector {self.id} is faulted ({ids})")
         if self.in_session() or self._pending is not None:
             raise Rejected(f"connector {self.id} already has a session")
+        if request.mode == "discharge" and not self.supports_discharge:
+            raise Rejected(f"connector {self.id} is not V2G-capable (no bidirectional stage)")
         if not self._plugged:
             raise Rejected(f"no vehicle connected to connector {self.id}")
         self._pending = request
@@ -406,8 +415,6 @@ class Connector:
         self._set_state(ConnectorState.PREPARING)
         self._stop = None
         try:
-            if request.mode == "discharge":
-                raise SessionAbort("fault", "discharge is not supported by this connector's hardware")
             await self._prepare(request)
         except SessionAbort as abort:
             await self._shutdown_output()
@@ -427,20 +434,21 @@ class Connector:
         reading = self.hw.meter.reading()
         assert reading is not None  # checked in _prepare
         status = self.hw.vehicle.status()
+        discharge = request.mode == "discharge"
         self.session = Session(
             connector_id=self.id,
             request=request,
             start_time=utc_now(),
             started_mono=self.clock(),
-            meter_start=reading.energy_import_kwh,
+            meter_start=reading.energy_export_kwh if discharge else reading.energy_import_kwh,
             soc_start=status.soc,
             vin=status.vin,
         )
         self._last_checkpoint = self.clock()
-        self._set_state(ConnectorState.CHARGING)
+        self._set_state(ConnectorState.DISCHARGING if discharge else ConnectorState.CHARGING)
         self.listener.session_started(self.session)
         self.listener.event(self.id, "start", {"reason": request.start_reason})
-        log.info("session_started", connector=self.id, record_id=self.session.record_id, meter_start=reading.energy_import_kwh)
+        log.info("session_started", connector=self.id, record_id=self.session.record_id, mode=request.mode, meter_start=self.session.meter_start)
 
     def _abort_check(self, allow_pilot: tuple[PilotState, ...]) -> VehicleStatus:
         """Raise :class:`SessionAbort` when preparation must not go on."""
@@ -475,6 +483,8 @@ class Connector:
             raise SessionAbort("fault", "contactor not confirmed open before the session", "F-0101", connector=self.id)
         if self.hw.meter.reading() is None:
             raise SessionAbort("fault", "energy meter has no fresh reading", "F-0451")
+        if request.mode == "discharge":
+            self._check_discharge_consent(self.hw.vehicle.status())
         if self.is_dc:
             assert self.hw.modules is not None
             voltage = self.hw.modules.measured_voltage()
@@ -505,6 +515,20 @@ class Connector:
             target = self.hw.vehicle.status().target_voltage
             await self.hw.modules.set_output(float(target or self.policy.cable_check_voltage_v), 0.0)
             await self.hw.modules.output_on()
+        if request.mode == "discharge":
+            self._check_discharge_consent(self.hw.vehicle.status())
+
+    def _check_discharge_consent(self, status: VehicleStatus) -> None:
+        """The EV's BMS must allow discharge (ISO 15118-20); a refusal is F-0702."""
+        if status.discharge_allowed is True:
+            self.faults.clear("F-0702", self.id)
+            return
+        if status.discharge_allowed is False:
+            code = status.discharge_refusal or "unspecified"
+            raise SessionAbort(
+                "user_request", f"vehicle refused discharge ({code})", "F-0702", iso15118_refusal=code, soc=status.soc
+            )
+        raise SessionAbort("fault", "vehicle gave no V2G consent (no HLC discharge data)")
 
     async def _cable_check(self, energy_states: tuple[PilotState, ...]) -> None:
         """IEC 61851-23 cable check with the contactor open; raises SessionAbort on failure."""
@@ -590,7 +614,15 @@ class Connector:
         request = session.request
         if request.duration_s is not None and now - session.started_mono >= request.duration_s:
             raise SessionAbort("time_limit", "duration reached")
-        if request.target_soc is not None and status.soc is not None and status.soc >= request.target_soc:
+        if request.mode == "discharge":
+            floor = request.min_soc if request.min_soc is not None else DEFAULT_V2G_MIN_SOC
+            if status.soc is not None and status.soc <= floor:
+                raise SessionAbort("soc_target_reached", f"SOC floor {floor} % reached")
+            self._check_discharge_consent(status)
+            stage = self.hw.bidirectional.status() if self.hw.bidirectional is not None else None
+            if stage is not None and stage.health.ok and not stage.grid_synced:
+                raise SessionAbort("fault", "V2G inverter lost grid sync", "F-0701", cycles=stage.cycles)
+        elif request.target_soc is not None and status.soc is not None and status.soc >= request.target_soc:
             raise SessionAbort("soc_target_reached", f"target SOC {request.target_soc} % reached")
         if status.pilot is PilotState.B and self.effective_limit_kw() > 0:
             full = status.soc is not None and status.soc >= 99
@@ -598,11 +630,14 @@ class Connector:
 
         reading = self.hw.meter.reading()
         if reading is not None:
-            session.observe(reading.energy_import_kwh, reading.power_kw, status.soc)
+            register = reading.energy_export_kwh if request.mode == "discharge" else reading.energy_import_kwh
+            session.observe(register, reading.power_kw, status.soc)
         if now - self._last_checkpoint >= self.policy.progress_persist_s:
             self._last_checkpoint = now
             self.listener.session_progress(session)
-        if self.is_dc:
+        if request.mode == "discharge":
+            await self._discharge_setpoint(status, request)
+        elif self.is_dc:
             await self._dc_setpoint(status)
         else:
             await self.hw.vehicle.set_pwm_duty(self._ac_duty(self.effective_limit_kw()))
@@ -632,6 +667,21 @@ class Connector:
             await modules.set_output(float(voltage), self._current_setpoint)
             self._last_setpoint_sent = (float(voltage), self._current_setpoint, now)
 
+    async def _discharge_setpoint(self, status: VehicleStatus, request: SessionRequest) -> None:
+        modules, stage = self.hw.modules, self.hw.bidirectional
+        assert modules is not None and stage is not None
+        voltage = status.target_voltage or modules.measured_voltage() or self.policy.cable_check_voltage_v
+        power = min(request.power_kw or 0.0, self.effective_limit_kw())
+        now = self.clock()
+        last_v, last_p, last_t = self._last_setpoint_sent
+        if abs(last_p - power) > 0.1 or now - last_t > 2.0:
+            current = power * 1000.0 / max(float(voltage), 50.0)
+            if status.max_discharge_current is not None:
+                current = min(current, status.max_discharge_current)
+            await modules.set_output(float(voltage), min(current * 1.1 + 1.0, self.config.max_current_a))
+            await stage.discharge(float(voltage), power)
+            self._last_setpoint_sent = (float(voltage), power, now)
+
     def _ac_duty(self, limit_kw: float) -> float:
         """PWM duty offering min(max current, limit) per IEC 61851-1 (100 % = no offer)."""
         amps = min(self.config.max_current_a, limit_kw * 1000.0 / (AC_NOMINAL_VOLTAGE * self.config.phases))
@@ -655,7 +705,8 @@ class Connector:
         await self._shutdown_output()
         reading = self.hw.meter.reading()
         if reading is not None:
-            session.observe(reading.energy_import_kwh, reading.power_kw, self.hw.vehicle.status().soc)
+            register = reading.energy_export_kwh if session.request.mode == "discharge" else reading.energy_import_kwh
+            session.observe(register, reading.power_kw, self.hw.vehicle.status().soc)
         session.stop_reason = stop_reason
         end = utc_now()
         record = build_record(
@@ -678,11 +729,13 @@ class Connector:
         self.listener.session_finished(session, record, {"reason": stop_reason})
         duration = int(self.clock() - session.started_mono)
         if session.request.command_id:
-            clean = stop_reason in CLEAN_STOPS
+            clean = stop_reason in CLEAN_STOPS and fault_id is None
             self.listener.command_status(
                 session.request.command_id,
                 "completed" if clean else "failed",
-                "Charging finished" if clean else f"session ended: {stop_reason} ({message})",
+                ("Discharge finished" if session.request.mode == "discharge" else "Charging finished")
+                if clean
+                else f"session ended: {stop_reason} ({message})",
                 {"energy_delivered": record["energy"], "duration": duration, "stop_reason": stop_reason},
             )
         if self._stop is not None and self._stop[1]:
@@ -700,6 +753,11 @@ class Connector:
         p = self.policy
         modules = self.hw.modules
         try:
+            if self.hw.bidirectional is not None:
+                try:
+                    await self.hw.bidirectional.stop_discharge()
+                except Exception as exc:
+                    log.error("v2g_stop_failed", connector=self.id, error=str(exc))
             if modules is not None:
                 await modules.output_off()
                 self._current_setpoint = 0.0

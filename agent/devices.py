@@ -36,6 +36,10 @@ def build_devices(cfg: AgentConfig, ctx: BuildContext) -> DeviceSet:
         devices.vehicles[conn.id] = _build("vehicle", f"connector{conn.id}.vehicle", conn.vehicle, cctx)
         if conn.imd is not None:
             devices.imd[conn.id] = imds[conn.imd]
+        if conn.bidirectional is not None:
+            devices.bidirectional[conn.id] = _build(
+                "bidirectional", f"connector{conn.id}.v2g", conn.bidirectional, cctx
+            )
     if cfg.thermal is not None:
         devices.thermal = _build("thermal", "thermal", cfg.thermal, ctx)
     return devices

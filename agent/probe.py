@@ -62,6 +62,8 @@ def _readings(kind: str, device: Any) -> dict[str, Any]:
         return _plain(r) if r is not None else {}
     if kind == "vehicle":
         return _plain(device.status())
+    if kind == "bidirectional":
+        return _plain(device.status())
     if kind == "thermal":
         return {"temperatures": _plain(dict(device.temperatures())), "fans": _plain(dict(device.fans()))}
     return {}
@@ -101,6 +103,7 @@ async def run_probe(
             ("meter", devices.meters),
             ("contactor", devices.contactors),
             ("vehicle", devices.vehicles),
+            ("bidirectional", devices.bidirectional),
         ):
             entries.extend((kind, cid, dev) for cid, dev in group.items())
         seen: list[Any] = []
@@ -192,6 +195,8 @@ def _summary(r: ProbeResult) -> list[str]:
             f"pilot {d['pilot']}  plugged {d['plugged']}  ev_ready {d['ev_ready']}  pwm {_fmt(d['pwm_duty_percent'], ' %')}  "
             f"soc {_fmt(d.get('soc'), ' %')}"
         ]
+    if r.kind == "bidirectional" and d:
+        return [f"active {d['active']}  export {_fmt(d.get('power_kw'), ' kW', 2)}  grid synced {d['grid_synced']}  cycles {d['cycles']}"]
     if r.kind == "thermal" and d:
         temps = "  ".join(f"{k} {_fmt(v.get('celsius'), ' °C')}" for k, v in d.get("temperatures", {}).items())
         fans = "  ".join(

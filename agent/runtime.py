@@ -176,6 +176,7 @@ class Agent:
                 modules=d.power_modules.get(conn.id),
                 imd=d.imd.get(conn.id),
                 thermal=d.thermal,
+                bidirectional=d.bidirectional.get(conn.id),
             )
             self.connectors[conn.id] = Connector(
                 conn,

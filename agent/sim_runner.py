@@ -277,6 +277,32 @@ class SimulatedCharger:
             self.world.connector(cid).vehicle.plugged = request.path.endswith("plug")
             return web.json_response({"ok": True})
 
+        async def v2g(request: web.Request) -> web.Response:
+            cid = int(request.match_info["cid"])
+            if cid not in self.world.connectors:
+                return web.json_response({"ok": False, "error": f"connector: unknown id {cid}"}, status=404)
+            conn = self.world.connector(cid)
+            if request.method == "POST":
+                body = await request.json()
+                power = float(body.get("power_kw", 0.0)) if isinstance(body, dict) else 0.0
+                if power > 0 and not conn.discharging:
+                    conn.inverter_cycles += 1
+                conn.discharging = power > 0
+                conn.discharge_setpoint_kw = max(power, 0.0)
+            exported = -physics.connector_power_kw(conn)
+            return web.json_response(
+                {
+                    "active": conn.discharging and exported > 0.1,
+                    "power_kw": round(max(exported, 0.0), 3),
+                    "setpoint_kw": conn.discharge_setpoint_kw,
+                    "synced": not conn.inverter_sync_lost,
+                    "cycles": conn.inverter_cycles,
+                    "thd_pct": conn.harmonic_distortion_pct,
+                }
+            )
+
+        app.router.add_get("/v2g/{cid}", v2g)
+        app.router.add_post("/v2g/{cid}", v2g)
         app.router.add_post("/inject", change)
         app.router.add_post("/clear", change)
         app.router.add_get("/state", state)

@@ -438,6 +438,49 @@ class Vehicle(Protocol):
 
 
 # ---------------------------------------------------------------------------
+# Bidirectional (V2G) power stage
+
+
+@dataclass(frozen=True, slots=True)
+class BidirectionalStatus:
+    """The V2G stage of one connector as last seen.
+
+    ``power_kw`` is the exported power (positive while discharging), ``None`` when
+    stale. ``grid_synced`` False while discharging means the inverter lost the grid
+    (F-0701). ``cycles`` counts discharge sessions run by the stage.
+    """
+
+    active: bool
+    power_kw: float | None
+    grid_synced: bool
+    cycles: int
+    harmonic_distortion_pct: float | None = None
+    health: Health = OK
+
+
+@runtime_checkable
+class Bidirectional(Protocol):
+    """The bidirectional (V2G) stage that lets a connector export energy from the EV.
+
+    Contract: ``discharge(voltage, power_kw)`` starts or updates export at up to
+    ``power_kw``; it returns once the command was accepted by the stage (at most the
+    driver's request timeout). ``stop_discharge()`` brings the export current to zero
+    ("off": no current is drawn from the EV; contactors may open once the measured
+    current confirms it). On comm loss the status goes stale (``power_kw`` None,
+    health STALE) and the stage itself must stop exporting (its own watchdog).
+    """
+
+    name: str
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def discharge(self, voltage: float, power_kw: float) -> None: ...
+    async def stop_discharge(self) -> None: ...
+    def status(self) -> BidirectionalStatus: ...
+    def health(self) -> Health: ...
+
+
+# ---------------------------------------------------------------------------
 # Things every device exposes for `probe` and `status`
 
 
@@ -456,11 +499,12 @@ class DeviceSet:
     contactors: dict[int, Contactor] = field(default_factory=dict)  # by connector id
     vehicles: dict[int, Vehicle] = field(default_factory=dict)  # by connector id
     imd: dict[int, InsulationMonitor] = field(default_factory=dict)  # by connector id
+    bidirectional: dict[int, Bidirectional] = field(default_factory=dict)  # by connector id (V2G)
     thermal: Thermal | None = None
 
     def all(self) -> list[Any]:
         devices: list[Any] = []
-        for group in (self.power_modules, self.meters, self.contactors, self.vehicles, self.imd):
+        for group in (self.power_modules, self.meters, self.contactors, self.vehicles, self.imd, self.bidirectional):
             devices.extend(group.values())
         if self.thermal is not None:
             devices.append(self.thermal)

@@ -41,6 +41,9 @@ DRIVERS: dict[str, dict[str, str]] = {
     "vehicle": {
         "iec61851": "hal.pilot.iec61851:Iec61851Vehicle",
     },
+    "bidirectional": {
+        "sim_http": "hal.v2g.sim_http:SimHttpBidirectional",
+    },
 }
 
 

@@ -2,13 +2,22 @@
 
 * Registers only when no credentials are stored; persists ``device_id`` and
   ``device_secret`` (mode 0600, atomic) *before* using them.
-* Exchanges them for a token and refreshes it 5 minutes (+0-60 s jitter) before
-  it expires, measured on the monotonic clock; one refresh at a time, other callers
-  wait for it.
-* ``invalidate()`` after a 401 makes the next caller fetch a new token.
+  If they cannot be persisted (disk full), they are kept in memory, *not* used, and
+  saving is retried on the next call: a secret the agent would lose on a restart is
+  never put to use.
+* Exchanges them for a token and refreshes it 5 minutes (+0-60 s jitter; at most
+  half the lifetime) before it expires, measured on the injected monotonic clock;
+  one refresh at a time, other callers wait for it and share its result. If an early
+  refresh fails while the current token is still valid, that token keeps being used
+  and the refresh is tried again 30 s later.
+* ``invalidate(token)`` after a 401 makes the next caller fetch a new token; passing
+  the rejected token keeps a late 401 from discarding a token fetched meanwhile.
 * Token endpoint answers 401 three times in a row: the secret is no longer valid;
-  registration is tried again. Registration answering 409 with no stored secret
-  raises the "needs re-provisioning" condition and retries every 10 minutes.
+  the credentials file is retired and registration is tried again. Registration
+  answering 409 with no stored secret (or an unreadable credentials file) raises the
+  "needs re-provisioning" condition (:class:`AuthError` with ``reprovision=True``);
+  the uplink retries every 10 minutes.
+* Neither the secret nor a token is ever logged.
 """
 
 from __future__ import annotations
@@ -26,7 +35,10 @@ from agent.uplink.client import ApiResult, PlatformHttp
 log = structlog.get_logger(__name__)
 
 REFRESH_MARGIN_S = 300.0
+REFRESH_JITTER_S = 60.0
+REFRESH_RETRY_S = 30.0
 REPROVISION_RETRY_S = 600.0
+TOKEN_REJECTIONS_BEFORE_REREGISTER = 3
 
 
 @dataclass(frozen=True)
@@ -84,6 +96,8 @@ class TokenManager:
         self.rng = rng or random.Random()
         self._token: str | None = None
         self._refresh_at = 0.0
+        self._expires_at = 0.0
+        self._unsaved: Any = None
         self._lock = asyncio.Lock()
         self._generation = 0
         self._token_rejections = 0
@@ -94,8 +108,20 @@ class TokenManager:
     def has_token(self) -> bool:
         return self._token is not None
 
-    def invalidate(self) -> None:
-        self._token = None
+    @property
+    def refresh_at(self) -> float:
+        """Clock time at which the current token will be refreshed."""
+        return self._refresh_at
+
+    @property
+    def expires_at(self) -> float:
+        """Clock time at which the current token expires."""
+        return self._expires_at
+
+    def invalidate(self, rejected: str | None = None) -> None:
+        """Drop the current token (only if it is ``rejected``, when given)."""
+        if rejected is None or rejected == self._token:
+            self._token = None
 
     async def token(self) -> str:
         """A valid token, refreshing first when it is missing or due. Raises :class:`AuthError`."""
@@ -105,12 +131,36 @@ class TokenManager:
         async with self._lock:
             if self._generation != generation and self._token is not None:
                 return self._token  # someone else refreshed while we waited
-            await self._refresh()
+            if self._token is not None and self.clock() < self._refresh_at:
+                return self._token
+            try:
+                await self._refresh()
+            except AuthError as exc:
+                if self._token is not None and self.clock() < self._expires_at - REFRESH_RETRY_S:
+                    self._refresh_at = self.clock() + REFRESH_RETRY_S
+                    log.warning("token_refresh_deferred", error=str(exc), retry_in_s=REFRESH_RETRY_S)
+                    return self._token
+                raise
             assert self._token is not None
             return self._token
 
+    def _load(self) -> Any:
+        if self._unsaved is not None:
+            try:
+                self.store.save(self._unsaved)
+            except OSError as exc:
+                raise AuthError(f"registered, but the credentials cannot be saved: {exc}") from exc
+            self._unsaved = None
+        try:
+            return self.store.load()
+        except Exception as exc:  # corrupt/unreadable file: re-registering would only get 409
+            self.needs_reprovision = True
+            self.last_error = f"stored credentials unusable: {exc}"
+            log.error("needs_reprovisioning", reason=self.last_error)
+            raise AuthError(self.last_error, reprovision=True) from exc
+
     async def _refresh(self) -> None:
-        creds = self.store.load()
+        creds = self._load()
         if creds is None:
             creds = await self._register()
         result = await self.http.request(
@@ -119,11 +169,14 @@ class TokenManager:
             body={"device_id": creds.device_id, "device_secret": creds.device_secret, "grant_type": "client_credentials"},
             enveloped=False,
         )
-        if result.ok and isinstance(result.data, dict) and isinstance(result.data.get("access_token"), str):
-            expires_in = float(result.data.get("expires_in", 86400))
-            margin = min(REFRESH_MARGIN_S + self.rng.uniform(0, 60), expires_in / 2)
-            self._token = result.data["access_token"]
-            self._refresh_at = self.clock() + expires_in - margin
+        token = result.data.get("access_token") if result.ok and isinstance(result.data, dict) else None
+        if isinstance(token, str) and token:
+            expires_in = _positive_number(result.data.get("expires_in"), 86400.0)
+            margin = min(REFRESH_MARGIN_S + self.rng.uniform(0, REFRESH_JITTER_S), expires_in / 2)
+            now = self.clock()
+            self._token = token
+            self._expires_at = now + expires_in
+            self._refresh_at = now + expires_in - margin
             self._generation += 1
             self._token_rejections = 0
             self.last_error = None
@@ -133,8 +186,9 @@ class TokenManager:
         if result.kind == "auth":
             self._token_rejections += 1
             log.warning("token_rejected", attempts=self._token_rejections)
-            if self._token_rejections >= 3:
+            if self._token_rejections >= TOKEN_REJECTIONS_BEFORE_REREGISTER:
                 self._token_rejections = 0
+                log.warning("credentials_rejected", action="register again")
                 self.store_forget()
         raise AuthError(f"token exchange failed: {result.describe()}", result)
 
@@ -150,9 +204,15 @@ class TokenManager:
             device_id, secret = result.data.get("device_id"), result.data.get("device_secret")
             if isinstance(device_id, str) and isinstance(secret, str):
                 creds = self.make_credentials(device_id, secret)
-                self.store.save(creds)  # persisted before first use
                 self.needs_reprovision = False
                 log.info("registered", device_id=device_id)
+                try:
+                    self.store.save(creds)  # persisted before first use
+                except OSError as exc:
+                    self._unsaved = creds
+                    self.last_error = f"credentials cannot be saved: {exc}"
+                    log.error("credentials_save_failed", device_id=device_id, error=str(exc))
+                    raise AuthError(self.last_error) from exc
                 return creds
         self.last_error = result.describe()
         if result.kind == "conflict":
@@ -160,3 +220,9 @@ class TokenManager:
             log.error("needs_reprovisioning", reason="serial number already registered and no stored secret")
             raise AuthError("registration refused: already registered, no stored secret", result, reprovision=True)
         raise AuthError(f"registration failed: {result.describe()}", result)
+
+
+def _positive_number(value: Any, default: float) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    return default

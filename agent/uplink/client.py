@@ -2,11 +2,17 @@
 
 * TLS certificate verification is always on (the system trust store, or
   ``ca_file``); plain ``http://`` is refused unless the host is loopback.
+* Redirects are never followed (a redirect could downgrade to plain HTTP and carry
+  the bearer token along); a 3xx is a failure like any other.
 * Every answer becomes an :class:`ApiResult`. Both the HTTP status and the
   envelope ``code`` are evaluated (platform-api §2); a 2xx with an empty body is a
-  success for the endpoints that return nothing.
-* Network errors, timeouts and any 5xx become ``kind == "transient"``
-  (platform-api §3 Project choice).
+  success for the endpoints that return nothing. A 2xx whose body is not a JSON
+  object (a proxy or captive-portal page) is *not* a success: nothing may leave the
+  outbox on an answer that did not come from the platform.
+* Network errors, timeouts, any 5xx and malformed 2xx answers become
+  ``kind == "transient"`` (platform-api §3 Project choice).
+* ``retry_after`` comes from ``details.retry_after_seconds``, else from a numeric
+  ``Retry-After`` header.
 """
 
 from __future__ import annotations
@@ -37,11 +43,17 @@ class ApiResult:
     data: Any = None
     details: dict[str, Any] = field(default_factory=dict)
     raw: Any = None
-    error: str | None = None  # network-level failure text
+    error: str | None = None  # network-level failure or malformed answer
+    retry_after_header: float | None = None
 
     @property
     def ok(self) -> bool:
-        return self.http_status is not None and 200 <= self.http_status < 300 and self.code in (0, None)
+        return (
+            self.error is None
+            and self.http_status is not None
+            and 200 <= self.http_status < 300
+            and self.code in (0, None)
+        )
 
     @property
     def kind(self) -> str:
@@ -49,7 +61,7 @@ class ApiResult:
         if self.ok:
             return "ok"
         status, code = self.http_status, self.code
-        if status is None or status >= 500 or code == 9001:
+        if status is None or self.error is not None or status >= 500 or code == 9001:
             return "transient"
         if status == 429 or code == 5001:
             return "rate_limited"
@@ -68,11 +80,13 @@ class ApiResult:
     @property
     def retry_after(self) -> float | None:
         value = self.details.get("retry_after_seconds") if isinstance(self.details, dict) else None
-        return float(value) if isinstance(value, (int, float)) and value >= 0 else None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+            return float(value)
+        return self.retry_after_header
 
     def describe(self) -> str:
         if self.error:
-            return self.error
+            return f"HTTP {self.http_status}: {self.error}" if self.http_status else self.error
         field_name = self.details.get("field") if isinstance(self.details, dict) else None
         extra = f" (field {field_name})" if field_name else ""
         return f"HTTP {self.http_status} code {self.code}: {self.message}{extra}"
@@ -88,18 +102,30 @@ def ssl_context(ca_file: Path | None) -> ssl.SSLContext:
 class PlatformHttp:
     """A thin, reconnectable aiohttp wrapper bound to the API base URL (ending in /v1)."""
 
-    def __init__(self, base_url: str, *, ca_file: Path | None = None, timeout_s: float = 15.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        ca_file: Path | None = None,
+        timeout_s: float = 15.0,
+        max_connections: int = 64,
+    ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme != "https" and not (parts.scheme == "http" and is_loopback_host(parts.hostname or "")):
             raise ValueError(f"refusing insecure platform URL {base_url!r}: https is required off loopback")
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
+        self.max_connections = max_connections
         self._ssl: ssl.SSLContext | None = ssl_context(ca_file) if parts.scheme == "https" else None
         self._session: aiohttp.ClientSession | None = None
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(ssl=self._ssl if self._ssl is not None else True, limit=16)
+            # One held long-poll per connector plus heartbeat and sender: the pool must never
+            # make a heartbeat queue behind the long-polls.
+            connector = aiohttp.TCPConnector(
+                ssl=self._ssl if self._ssl is not None else True, limit=self.max_connections
+            )
             self._session = aiohttp.ClientSession(
                 connector=connector,
                 headers={"User-Agent": "charger-agent", "Accept": "application/json"},
@@ -129,12 +155,21 @@ class PlatformHttp:
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
         timeout = aiohttp.ClientTimeout(total=timeout_s or self.timeout_s)
+        query = {k: str(v) for k, v in params.items()} if params else None
         try:
             async with self._get_session().request(
-                method, self.base_url + path, json=body, params=params, headers=headers, timeout=timeout
+                method,
+                self.base_url + path,
+                json=body,
+                params=query,
+                headers=headers,
+                timeout=timeout,
+                allow_redirects=False,
             ) as resp:
                 text = await resp.text()
-                return _parse(resp.status, text, enveloped)
+                result = _parse(resp.status, text, enveloped)
+                result.retry_after_header = _retry_after_header(resp.headers.get("Retry-After"))
+                return result
         except asyncio.CancelledError:
             raise
         except asyncio.TimeoutError:
@@ -143,23 +178,38 @@ class PlatformHttp:
             return ApiResult(None, error=f"{type(exc).__name__}: {exc}")
         except OSError as exc:
             return ApiResult(None, error=f"network error: {exc}")
+        except (RuntimeError, ValueError) as exc:  # session closed under us (force_reconnect), bad text
+            return ApiResult(None, error=f"{type(exc).__name__}: {exc}")
+
+
+def _retry_after_header(value: str | None) -> float | None:
+    try:
+        seconds = float(value) if value is not None else None
+    except ValueError:
+        return None  # an HTTP date: ignored, the backoff applies
+    return seconds if seconds is not None and seconds >= 0 else None
 
 
 def _parse(status: int, text: str, enveloped: bool) -> ApiResult:
+    success = 200 <= status < 300
     if not text.strip():
-        return ApiResult(status, code=None if 200 <= status < 300 else None, raw=None)
+        return ApiResult(status, code=None, raw=None)
     try:
         body = json.loads(text)
     except ValueError:
-        return ApiResult(status, code=None if status < 300 else 9001, message="non-JSON answer", raw=text[:200])
+        return ApiResult(
+            status, message="non-JSON answer", raw=text[:200], error="non-JSON answer" if success else None
+        )
     if not isinstance(body, dict):
-        return ApiResult(status, message="unexpected JSON shape", raw=body)
+        return ApiResult(
+            status, message="unexpected JSON shape", raw=body, error="unexpected JSON shape" if success else None
+        )
     if not enveloped and "access_token" in body:
         return ApiResult(status, code=0, data=body, raw=body)
     code = body.get("code")
     return ApiResult(
         status,
-        code=code if isinstance(code, int) else None,
+        code=code if isinstance(code, int) and not isinstance(code, bool) else None,
         message=str(body.get("message", "")),
         data=body.get("data"),
         details=body.get("details") if isinstance(body.get("details"), dict) else {},

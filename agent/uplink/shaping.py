@@ -2,6 +2,18 @@
 
 Clock-injectable (``clock`` returns monotonic seconds) so tests can run hours of
 simulated time instantly.
+
+* :class:`TokenBucket` -- ``rate`` requests/s with at most ``burst`` stored. Over any
+  window of ``T`` seconds it admits at most ``burst + rate * T`` requests, so it stays
+  under a server's sliding-window limit of ``L`` per ``T`` exactly when
+  ``burst + rate * T <= L`` (:meth:`TokenBucket.max_in_window`).
+* :class:`Backoff` -- ``min(base * 2^attempt, ceiling)`` plus 0-30 % jitter.
+* :class:`ReconnectBudget` -- never more than ``limit`` reconnects in any ``window``
+  (F-0302: more than 5 in 10 minutes is a reconnect storm). The first ``quick``
+  reconnects of a window may follow each other as fast as the backoff allows (a short
+  blip recovers in seconds); after that, reconnects are paced ``window / limit`` apart,
+  so a long outage is probed every two minutes instead of five times in the first
+  half-minute and then not at all for nine and a half.
 """
 
 from __future__ import annotations
@@ -18,6 +30,8 @@ class TokenBucket:
     """``rate`` tokens per second, at most ``burst`` stored. ``delay()`` says how long to wait."""
 
     def __init__(self, rate: float, burst: float, clock: Clock = time.monotonic) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError("a token bucket needs rate > 0 and burst >= 1")
         self.rate = rate
         self.burst = burst
         self.clock = clock
@@ -27,15 +41,18 @@ class TokenBucket:
 
     def _refill(self) -> None:
         now = self.clock()
-        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        self.tokens = min(self.burst, self.tokens + max(0.0, now - self.updated) * self.rate)
         self.updated = now
+
+    def paused_for(self) -> float:
+        """Seconds left of a :meth:`pause` (0 = not paused)."""
+        return max(0.0, self.paused_until - self.clock())
 
     def delay(self) -> float:
         """Seconds until one token is available (0 = now). Does not take the token."""
         self._refill()
-        wait_pause = max(0.0, self.paused_until - self.clock())
         wait_token = 0.0 if self.tokens >= 1.0 else (1.0 - self.tokens) / self.rate
-        return max(wait_pause, wait_token)
+        return max(self.paused_for(), wait_token)
 
     def take(self) -> None:
         self._refill()
@@ -44,6 +61,10 @@ class TokenBucket:
     def pause(self, seconds: float) -> None:
         """Stop the whole class for ``seconds`` (a 429 answer)."""
         self.paused_until = max(self.paused_until, self.clock() + seconds)
+
+    def max_in_window(self, window: float) -> float:
+        """The most requests this bucket can let through in any ``window`` seconds."""
+        return self.burst + self.rate * window
 
 
 class Backoff:
@@ -67,13 +88,20 @@ class Backoff:
 class ReconnectBudget:
     """At most ``limit`` reconnects per ``window`` seconds (F-0302: more than 5 in 10 min).
 
-    ``wait_time()`` is how long to hold the next reconnect so the budget is kept;
-    ``record()`` counts one.
+    ``wait_time()`` is how long to hold the next reconnect so the budget is kept (and,
+    after ``quick`` reconnects in the window, so reconnects stay ``window / limit``
+    apart); ``record()`` counts one; ``used()`` is how many the current window holds.
     """
 
-    def __init__(self, limit: int = 5, window: float = 600.0, clock: Clock = time.monotonic) -> None:
+    def __init__(
+        self, limit: int = 5, window: float = 600.0, clock: Clock = time.monotonic, *, quick: int = 2
+    ) -> None:
+        if limit < 1 or window <= 0 or not 1 <= quick <= limit:
+            raise ValueError("need limit >= 1, window > 0 and 1 <= quick <= limit")
         self.limit = limit
         self.window = window
+        self.quick = quick
+        self.spacing = window / limit
         self.clock = clock
         self.events: deque[float] = deque()
 
@@ -84,9 +112,13 @@ class ReconnectBudget:
 
     def wait_time(self) -> float:
         self._trim()
-        if len(self.events) < self.limit:
-            return 0.0
-        return self.window - (self.clock() - self.events[0]) + 0.001
+        now = self.clock()
+        wait = 0.0
+        if len(self.events) >= self.limit:
+            wait = self.events[0] + self.window - now + 0.01
+        if len(self.events) >= self.quick:
+            wait = max(wait, self.events[-1] + self.spacing - now)
+        return max(0.0, wait)
 
     def record(self) -> None:
         self._trim()

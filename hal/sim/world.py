@@ -143,6 +143,8 @@ class SimConnector:
     discharging: bool = False
     discharge_setpoint_kw: float = 0.0
     inverter_sync_lost: bool = False  # injection
+    inverter_cycles: int = 0  # discharge sessions run by the V2G stage
+    harmonic_distortion_pct: float = 2.4
     outlet_temperature: float = 25.0
 
     def pilot_state(self) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 
 from hal.interfaces import (
     OK,
+    BidirectionalStatus,
     ContactorError,
     ContactorPosition,
     ContactorStatus,
@@ -87,12 +88,17 @@ class FakeMeter:
     silent: bool = False
     modules: FakeModules | None = None
     last: float = field(default_factory=time.monotonic)
+    export: float = 0.0
+    export_kw: float = 0.0
 
     def tick(self) -> None:
         now = time.monotonic()
-        if self.modules is not None:
+        if self.export_kw > 0:
+            self.power_kw = -self.export_kw
+            self.export += self.export_kw * (now - self.last) / 3600.0
+        elif self.modules is not None:
             self.power_kw = (self.modules.measured_current() or 0.0) * (self.modules.measured_voltage() or 0.0) / 1000
-        self.energy += self.power_kw * (now - self.last) / 3600.0
+            self.energy += self.power_kw * (now - self.last) / 3600.0
         self.last = now
 
     async def start(self) -> None: ...
@@ -101,7 +107,7 @@ class FakeMeter:
         self.tick()
         if self.silent:
             return None
-        return MeterReading(400.0, 0.0, self.power_kw, self.energy, 0.0, time.monotonic())
+        return MeterReading(400.0, 0.0, self.power_kw, self.energy, self.export, time.monotonic())
 
     def health(self) -> Health:
         return Health(HealthState.STALE, "comm_timeout") if self.silent else OK
@@ -169,6 +175,8 @@ class FakeVehicle:
     wants_energy: bool = True
     target_voltage: float | None = 400.0
     target_current: float | None = 100.0
+    discharge_allowed: bool | None = True
+    discharge_refusal: str | None = None
 
     def plug(self) -> None:
         self.pilot = PilotState.B
@@ -190,6 +198,8 @@ class FakeVehicle:
             soc=self.soc,
             target_voltage=self.target_voltage,
             target_current=self.target_current,
+            discharge_allowed=self.discharge_allowed,
+            discharge_refusal=self.discharge_refusal,
             taken_at=time.monotonic(),
         )
 
@@ -222,6 +232,35 @@ class FakeImd:
     async def self_test(self) -> SelfTestResult:
         await asyncio.sleep(0.01)
         return SelfTestResult(self.self_test_ok, "ok" if self.self_test_ok else "device error", 0.01)
+
+    def health(self) -> Health:
+        return OK
+
+
+@dataclass
+class FakeBidirectional:
+    name: str = "v2g"
+    power_kw: float = 0.0
+    synced: bool = True
+    cycles: int = 0
+    meter: "FakeMeter | None" = None
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def discharge(self, voltage: float, power_kw: float) -> None:
+        if self.power_kw == 0 and power_kw > 0:
+            self.cycles += 1
+        self.power_kw = power_kw
+        if self.meter is not None:
+            self.meter.export_kw = power_kw
+
+    async def stop_discharge(self) -> None:
+        self.power_kw = 0.0
+        if self.meter is not None:
+            self.meter.export_kw = 0.0
+
+    def status(self) -> "BidirectionalStatus":
+        return BidirectionalStatus(self.power_kw > 0, self.power_kw, self.synced, self.cycles)
 
     def health(self) -> Health:
         return OK

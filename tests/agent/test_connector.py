@@ -13,7 +13,15 @@ from agent.faults import FaultBoard
 from agent.session import SessionRequest
 from hal.interfaces import PilotState
 
-from tests.agent.fakes import FakeContactor, FakeImd, FakeMeter, FakeModules, FakeVehicle, RecordingListener
+from tests.agent.fakes import (
+    FakeBidirectional,
+    FakeContactor,
+    FakeImd,
+    FakeMeter,
+    FakeModules,
+    FakeVehicle,
+    RecordingListener,
+)
 
 
 class Faults:
@@ -39,6 +47,7 @@ class Rig:
         self.meter = FakeMeter(modules=self.modules)
         self.vehicle = FakeVehicle()
         self.imd = FakeImd()
+        self.v2g = FakeBidirectional(meter=self.meter)
         self.listener = RecordingListener()
         self.fault_log = Faults()
         self.faults = FaultBoard(self.fault_log)
@@ -60,6 +69,7 @@ class Rig:
         hw = ConnectorHardware(
             meter=self.meter, contactor=self.contactor, vehicle=self.vehicle,  # type: ignore[arg-type]
             modules=self.modules if kind == "dc" else None, imd=self.imd if kind == "dc" else None,  # type: ignore[arg-type]
+            bidirectional=self.v2g if kind == "dc" else None,  # type: ignore[arg-type]
         )
         self.connector = Connector(cfg, hw, ChargingSection(**defaults), self.faults, self.listener)
         self.task: asyncio.Task[None] | None = None
@@ -242,3 +252,59 @@ async def test_ac_session_offers_current_by_pwm() -> None:
         assert rig.contactor.closed
         rig.connector.set_limit("command", 0.0)
         await rig.until(lambda: rig.vehicle.duty == 100.0)
+
+
+async def start_discharge(rig: Rig, **kw: Any) -> None:
+    rig.vehicle.plug()
+    await rig.until(lambda: rig.connector.state is ConnectorState.VEHICLE_CONNECTED)
+    rig.connector.request_start(SessionRequest(mode="discharge", command_id="d1", power_kw=10.0, **kw))
+
+
+async def test_discharge_exports_and_records_the_export_register() -> None:
+    async with Rig() as rig:
+        await start_discharge(rig)
+        await rig.until(lambda: rig.connector.state is ConnectorState.DISCHARGING)
+        await rig.until(lambda: rig.v2g.power_kw == 10.0)
+        await asyncio.sleep(0.3)
+        rig.connector.request_stop("remote_stop")
+        await rig.until(lambda: rig.listener.records != [])
+        assert rig.v2g.power_kw == 0.0 and not rig.contactor.closed
+    record = rig.listener.records[0]
+    assert record["direction"] == "discharge" and record["energy"] > 0
+    assert record["energy"] == pytest.approx(record["meter_end"] - record["meter_start"], abs=1e-9)
+    assert ("d1", "completed") in {(c, s) for c, s, _m, _d in rig.listener.statuses}
+
+
+async def test_bms_refusal_is_f0702_and_the_command_fails() -> None:
+    async with Rig() as rig:
+        rig.vehicle.discharge_allowed = False
+        rig.vehicle.discharge_refusal = "bms_refused"
+        await start_discharge(rig)
+        await rig.until(lambda: ("d1", "failed") in {(c, s) for c, s, _m, _d in rig.listener.statuses})
+        assert "F-0702" in rig.fault_log.raised and rig.contactor.cycles == 0 and rig.v2g.cycles == 0
+
+
+async def test_inverter_sync_loss_aborts_with_f0701() -> None:
+    async with Rig() as rig:
+        await start_discharge(rig)
+        await rig.until(lambda: rig.connector.state is ConnectorState.DISCHARGING)
+        rig.v2g.synced = False
+        await rig.until(lambda: rig.listener.records != [])
+        assert "F-0701" in rig.fault_log.raised and rig.v2g.power_kw == 0.0 and not rig.contactor.closed
+        assert rig.listener.records[0]["stop_reason"] == "fault"
+        assert ("d1", "failed") in {(c, s) for c, s, _m, _d in rig.listener.statuses}
+        rig.v2g.synced = True
+
+
+async def test_discharge_stops_at_the_soc_floor() -> None:
+    async with Rig() as rig:
+        rig.vehicle.soc = 25
+        await start_discharge(rig, min_soc=30)
+        await rig.until(lambda: rig.listener.records != [])
+        assert rig.listener.records[0]["stop_reason"] == "soc_target_reached"
+
+
+async def test_discharge_is_refused_without_a_v2g_stage() -> None:
+    async with Rig(kind="ac") as rig:
+        with pytest.raises(Rejected, match="not V2G-capable"):
+            rig.connector.request_start(SessionRequest(mode="discharge", power_kw=5))

@@ -23,7 +23,9 @@ def test_probe_json_reads_every_simulated_device() -> None:
     report = json.loads(proc.stdout)
     assert report["ok"] is True
     kinds = sorted(d["kind"] for d in report["devices"])
-    assert kinds == ["contactor", "contactor", "imd", "meter", "meter", "power_modules", "thermal", "vehicle", "vehicle"]
+    assert kinds == [
+        "bidirectional", "contactor", "contactor", "imd", "meter", "meter", "power_modules", "thermal", "vehicle", "vehicle"
+    ]
     by_name = {d["name"]: d for d in report["devices"]}
     modules = by_name["connector1.modules"]["readings"]["modules"]
     assert [m["address"] for m in modules] == [0, 1] and all(m["online"] for m in modules)

@@ -1,0 +1,1 @@
+"""Bidirectional (V2G) power stages."""
