@@ -28,6 +28,7 @@ from typing import Any, Awaitable, Callable
 import aiohttp
 
 from agent.emulator import Emulator
+from agent.emulator.operator_models import RequestKind
 
 
 class DemoFailed(Exception):
@@ -78,7 +79,7 @@ async def run_demo(config: Path, *, duration_s: float = 25.0) -> int:
             result = await _scenario(emulator, http, proc, workdir, duration_s, tty)
         proc.send_signal(signal.SIGTERM)
         code = await asyncio.wait_for(proc.wait(), 30)
-        final = [r for r in emulator.received(kind="heartbeat") if isinstance(r.body, dict) and r.body.get("status") == "offline"]
+        final = [r for r in emulator.received(kind=RequestKind.HEARTBEAT) if isinstance(r.body, dict) and r.body.get("status") == "offline"]
         # a long-poll the agent closed at shutdown was not answered: that is no rejection
         rejected = [r for r in emulator.received() if not r.accepted and r.http_status != 0]
         _summary(result, emulator, code, bool(final), rejected, time.monotonic() - started)
@@ -97,10 +98,10 @@ async def _scenario(
     emulator: Emulator, http: aiohttp.ClientSession, proc: asyncio.subprocess.Process, workdir: Path, duration_s: float, tty: bool
 ) -> dict[str, Any]:
     def events() -> list[dict[str, Any]]:
-        return [r.body for r in emulator.received(kind="events") if r.accepted]
+        return [r.body for r in emulator.received(kind=RequestKind.EVENTS) if r.accepted]
 
     async def registered() -> bool:
-        return any(r.accepted for r in emulator.received(kind="heartbeat"))
+        return any(r.accepted for r in emulator.received(kind=RequestKind.HEARTBEAT))
 
     await _until("the agent to register and send its first heartbeat", registered, 30, proc)
     _print("agent registered    first heartbeat received")
@@ -174,7 +175,7 @@ async def _scenario(
 
 def _records(emulator: Emulator) -> Callable[[], Awaitable[Any]]:
     async def check() -> Any:
-        return [r.body for r in emulator.received(kind="charging_records") if r.accepted]
+        return [r.body for r in emulator.received(kind=RequestKind.CHARGING_RECORDS) if r.accepted]
 
     return check
 

@@ -107,10 +107,10 @@ async def run_probe(
         ):
             entries.extend((kind, cid, dev) for cid, dev in group.items())
         seen: list[Any] = []
-        for cid, dev in devices.imd.items():
-            if not any(dev is s for s in seen):
-                seen.append(dev)
-                entries.append(("imd", cid, dev))
+        for imd_connector, imd in devices.imd.items():
+            if not any(imd is s for s in seen):
+                seen.append(imd)
+                entries.append(("imd", imd_connector, imd))
         if devices.thermal is not None:
             entries.append(("thermal", None, devices.thermal))
 

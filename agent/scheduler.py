@@ -20,7 +20,7 @@ replaces the stored one; ``enabled = false`` disables it.
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import structlog
 
@@ -56,13 +56,13 @@ class Scheduler:
         self._attempted: dict[int, tuple[str, datetime]] = {}
 
     async def load(self) -> None:
-        for entry in await self.kv.items("schedule/"):
+        for key, value in (await self.kv.items("schedule/")).items():
             try:
-                _, cid, _sid = entry.key.split("/", 2)
-                model = SetSchedule.model_validate(entry.value["params"])
-                stored = datetime.fromisoformat(entry.value["stored_at"])
+                _, cid, _sid = key.split("/", 2)
+                model = SetSchedule.model_validate(value["params"])
+                stored = datetime.fromisoformat(value["stored_at"])
             except (ValueError, KeyError, TypeError):
-                log.warning("stored_schedule_unreadable", key=entry.key)
+                log.warning("stored_schedule_unreadable", key=key)
                 continue
             if int(cid) in self.schedules:
                 self.schedules[int(cid)][model.schedule_id] = (model, stored)
@@ -119,7 +119,7 @@ class Scheduler:
             if connector.state.value != "vehicle_connected":
                 continue
             self._attempted[cid] = occurrence
-            mode = "discharge" if slot.action == "discharge" else "charge"
+            mode: Literal["charge", "discharge"] = "discharge" if slot.action == "discharge" else "charge"
             request = SessionRequest(
                 mode=mode,
                 start_reason="schedule",
