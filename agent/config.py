@@ -161,6 +161,9 @@ class ChargingSection(StrictModel):
     stop_timeout_s: float = Field(2.0, ge=0.1, le=30.0)
     meter_loss_grace_s: float = Field(5.0, ge=0.0, le=120.0)
     imd_loss_grace_s: float = Field(5.0, ge=0.0, le=120.0)
+    meter_plausibility_s: float = Field(
+        10.0, ge=1.0, le=300.0, description="DC: meter power far below module output this long = F-0452"
+    )
     connector_warning_c: float = Field(75.0, ge=30.0, le=150.0, description="F-0203: derate above this")
     connector_derate_factor: float = Field(0.5, gt=0.0, le=1.0)
     cabinet_critical_c: float = Field(85.0, ge=40.0, le=150.0, description="F-0204: stop all connectors")

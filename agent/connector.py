@@ -151,6 +151,7 @@ class Connector:
         self._meter_bad_since: float | None = None
         self._mirror_closed_since: float | None = None
         self._pilot_bad_since: float | None = None
+        self._implausible_since: float | None = None
         self._latched: set[str] = set()  # faults found by a session procedure: cleared at plug-out
         self.last_isolation_kohm: float | None = None
         self.last_isolation_at: str | None = None
@@ -632,6 +633,7 @@ class Connector:
         if reading is not None:
             register = reading.energy_export_kwh if request.mode == "discharge" else reading.energy_import_kwh
             session.observe(register, reading.power_kw, status.soc)
+        self._check_meter_plausible(reading, now)
         if now - self._last_checkpoint >= self.policy.progress_persist_s:
             self._last_checkpoint = now
             self.listener.session_progress(session)
@@ -666,6 +668,38 @@ class Connector:
         if abs(last_v - voltage) > 1.0 or abs(last_i - self._current_setpoint) > 0.5 or now - last_t > 2.0:
             await modules.set_output(float(voltage), self._current_setpoint)
             self._last_setpoint_sent = (float(voltage), self._current_setpoint, now)
+
+    def _check_meter_plausible(self, reading: Any, now: float) -> None:
+        """DC: the meter must see roughly what the modules deliver.
+
+        A meter that froze while idle keeps repeating "0 kW" and a constant register;
+        the meter driver cannot tell that from an idle meter. While the modules measure
+        >= 10 A, a meter power below 20 % of the modules' V x I for
+        ``meter_plausibility_s`` raises F-0452 and ends the session (it cannot be billed).
+        """
+        modules = self.hw.modules
+        if modules is None or reading is None:
+            self._implausible_since = None
+            return
+        current, voltage = modules.measured_current(), modules.measured_voltage()
+        if current is None or voltage is None or abs(current) < 10.0 or voltage < 50.0:
+            self._implausible_since = None
+            return
+        expected_kw = abs(current) * voltage / 1000.0
+        if abs(reading.power_kw) >= 0.2 * expected_kw:
+            self._implausible_since = None
+            return
+        if self._implausible_since is None:
+            self._implausible_since = now
+        if now - self._implausible_since >= self.policy.meter_plausibility_s:
+            self._implausible_since = None
+            raise SessionAbort(
+                "fault",
+                f"meter reads {reading.power_kw:.1f} kW while the modules deliver {expected_kw:.1f} kW",
+                "F-0452",
+                meter_kw=round(reading.power_kw, 2),
+                modules_kw=round(expected_kw, 2),
+            )
 
     async def _discharge_setpoint(self, status: VehicleStatus, request: SessionRequest) -> None:
         modules, stage = self.hw.modules, self.hw.bidirectional

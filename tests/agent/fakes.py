@@ -90,9 +90,13 @@ class FakeMeter:
     last: float = field(default_factory=time.monotonic)
     export: float = 0.0
     export_kw: float = 0.0
+    frozen: bool = False  # keeps answering with the values it had
 
     def tick(self) -> None:
         now = time.monotonic()
+        if self.frozen:
+            self.last = now
+            return
         if self.export_kw > 0:
             self.power_kw = -self.export_kw
             self.export += self.export_kw * (now - self.last) / 3600.0

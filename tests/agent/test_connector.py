@@ -308,3 +308,15 @@ async def test_discharge_is_refused_without_a_v2g_stage() -> None:
     async with Rig(kind="ac") as rig:
         with pytest.raises(Rejected, match="not V2G-capable"):
             rig.connector.request_start(SessionRequest(mode="discharge", power_kw=5))
+
+
+async def test_meter_frozen_before_the_session_is_caught_by_plausibility() -> None:
+    async with Rig(meter_plausibility_s=1.0) as rig:
+        rig.meter.frozen = True  # froze while idle: still answers "0 kW"
+        rig.vehicle.plug()
+        await rig.until(lambda: rig.connector.state is ConnectorState.VEHICLE_CONNECTED)
+        rig.connector.request_start(SessionRequest(command_id="c1"))
+        await rig.until(lambda: rig.listener.records != [], timeout=6.0)
+        assert "F-0452" in rig.fault_log.raised and not rig.contactor.closed
+        assert rig.listener.records[0]["stop_reason"] == "fault"
+        rig.meter.frozen = False
