@@ -169,7 +169,16 @@ class ChargingSection(StrictModel):
     cabinet_critical_c: float = Field(85.0, ge=40.0, le=150.0, description="F-0204: stop all connectors")
     fan_low_fraction: float = Field(0.7, gt=0.0, le=1.0, description="F-0601 below this share of nominal")
     progress_persist_s: float = Field(5.0, ge=1.0, le=300.0, description="open-session checkpoint period")
-    on_shutdown: Literal["stop"] = Field("stop", description="what SIGTERM does to a running session")
+    on_shutdown: Literal["stop", "suspend"] = Field(
+        "stop",
+        description=(
+            "SIGTERM with a session running: stop = end it and close its record; "
+            "suspend = make the output safe, keep the session open and resume it under the "
+            "same record after a restart within resume_window_s if the vehicle is still there"
+        ),
+    )
+    resume_window_s: float = Field(300.0, ge=10.0, le=3600.0, description="how old a suspended session may be")
+    resume_plug_wait_s: float = Field(15.0, ge=1.0, le=120.0, description="time to see the vehicle after a restart")
 
 
 class LoggingSection(StrictModel):

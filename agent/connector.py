@@ -93,6 +93,13 @@ class ConnectorListener(Protocol):
     def event(self, connector_id: int, event_type: str, data: dict[str, Any]) -> None: ...
     def session_started(self, session: Session) -> None: ...
     def session_progress(self, session: Session) -> None: ...
+    def session_suspended(self, session: Session) -> None:
+        """Energy transfer stopped for a shutdown; the session stays open for a resume."""
+        ...
+
+    def close_checkpoint(self, connector_id: int, checkpoint: dict[str, Any], stop_reason: str, message: str) -> None:
+        """Close a persisted session from its checkpoint (exactly one record)."""
+        ...
     def session_finished(self, session: Session, record: dict[str, Any], stop_event: dict[str, Any]) -> None:
         """The record and its ``stop`` event data: persisted together, exactly once."""
         ...
@@ -152,6 +159,8 @@ class Connector:
         self._mirror_closed_since: float | None = None
         self._pilot_bad_since: float | None = None
         self._implausible_since: float | None = None
+        self._suspending = False
+        self._resume: tuple[dict[str, Any], float] | None = None
         self._latched: set[str] = set()  # faults found by a session procedure: cleared at plug-out
         self.last_isolation_kohm: float | None = None
         self.last_isolation_at: str | None = None
@@ -237,7 +246,7 @@ class Connector:
         """Control loop; returns after :meth:`shutdown` with the output safe."""
         await self._shutdown_output(initial=True)
         try:
-            while not self._stopping.is_set():
+            while not (self._stopping.is_set() and self.session is None):
                 try:
                     await self._step()
                 except SessionAbort as abort:
@@ -252,11 +261,31 @@ class Connector:
         finally:
             await asyncio.shield(self._shutdown_output())
 
-    async def shutdown(self, reason: str = "user_request") -> None:
-        """Stop a running session cleanly (record closed) and make :meth:`run` return."""
-        if self.in_session() and self._stop is None:
+    async def shutdown(self, reason: str = "shutdown", *, suspend: bool = False) -> None:
+        """Make :meth:`run` return with the output safe.
+
+        A running session is stopped first: closed with its record (``suspend=False``),
+        or suspended (``suspend=True``): energy transfer stops but the session stays
+        open in the store, so a restart can :meth:`resume` it under the same record.
+        An armed, not yet started session fails.
+        """
+        self._suspending = suspend
+        if self.session is not None and self._stop is None:
             self._stop = (reason, None)
+        if self._pending is not None:
+            self._fail_pending("agent shutting down")
         self._stopping.set()
+        self._wake.set()
+
+    def resume(self, checkpoint: dict[str, Any], wait_s: float) -> None:
+        """Resume a session suspended at the last shutdown, if its vehicle is still here.
+
+        Within ``wait_s`` the connector must see the vehicle plugged in; then the session
+        is prepared again (cable check, contactor confirmed) and continues under the same
+        ``record_id``. Otherwise, or when preparation fails, the session is closed from its
+        checkpoint (exactly one record).
+        """
+        self._resume = (checkpoint, self.clock() + wait_s)
         self._wake.set()
 
     async def _sleep_tick(self) -> None:
@@ -281,6 +310,8 @@ class Connector:
         if self.session is not None:
             await self._session_step(status)
             return
+        if self._resume is not None:
+            self._step_resume()
         if self.faults.blocking(self.id):
             if self._pending is not None:
                 self._fail_pending("connector faulted: " + ", ".join(f.fault_id for f in self.faults.blocking(self.id)))
@@ -296,6 +327,32 @@ class Connector:
         if self._pending is not None:
             request, self._pending = self._pending, None
             await self._start_session(request)
+
+    def resume_checkpoint(self) -> dict[str, Any] | None:
+        """The checkpoint of a session waiting to be resumed, if any."""
+        if self._resume is not None:
+            return self._resume[0]
+        if self._pending is not None and self._pending.resume is not None:
+            return self._pending.resume
+        return None
+
+    def _step_resume(self) -> None:
+        assert self._resume is not None
+        checkpoint, deadline = self._resume
+        if self._plugged and self._pending is None and not self.faults.blocking(self.id):
+            self._resume = None
+            self._pending = SessionRequest(
+                mode=checkpoint.get("mode", "charge"),
+                start_reason=checkpoint.get("start_reason", "remote_start"),
+                command_id=checkpoint.get("command_id"),
+                transaction_id=checkpoint.get("transaction_id"),
+                resume=checkpoint,
+            )
+            log.info("session_resuming", connector=self.id, record_id=checkpoint.get("record_id"))
+        elif self.clock() >= deadline:
+            self._resume = None
+            reason = "shutdown" if self._plugged else "ev_disconnected"
+            self.listener.close_checkpoint(self.id, checkpoint, reason, "suspended session not resumed")
 
     def _fail_pending(self, message: str) -> None:
         pending, self._pending = self._pending, None
@@ -424,7 +481,9 @@ class Connector:
             if self._stop is not None and self._stop[1]:
                 self.listener.command_status(self._stop[1], "completed", "armed session cancelled")
             self._stop = None
-            if request.command_id:
+            if request.resume is not None:
+                self.listener.close_checkpoint(self.id, request.resume, abort.stop_reason, abort.message)
+            elif request.command_id:
                 self.listener.command_status(request.command_id, "failed", abort.message)
             log.warning("session_not_started", connector=self.id, reason=abort.message)
             self._set_state(ConnectorState.VEHICLE_CONNECTED if self._plugged else ConnectorState.IDLE)
@@ -436,15 +495,18 @@ class Connector:
         assert reading is not None  # checked in _prepare
         status = self.hw.vehicle.status()
         discharge = request.mode == "discharge"
-        self.session = Session(
-            connector_id=self.id,
-            request=request,
-            start_time=utc_now(),
-            started_mono=self.clock(),
-            meter_start=reading.energy_export_kwh if discharge else reading.energy_import_kwh,
-            soc_start=status.soc,
-            vin=status.vin,
-        )
+        if request.resume is not None:
+            self.session = Session.from_checkpoint(request.resume, request, self.clock())
+        else:
+            self.session = Session(
+                connector_id=self.id,
+                request=request,
+                start_time=utc_now(),
+                started_mono=self.clock(),
+                meter_start=reading.energy_export_kwh if discharge else reading.energy_import_kwh,
+                soc_start=status.soc,
+                vin=status.vin,
+            )
         self._last_checkpoint = self.clock()
         self._set_state(ConnectorState.DISCHARGING if discharge else ConnectorState.CHARGING)
         self.listener.session_started(self.session)
@@ -737,6 +799,9 @@ class Connector:
             return
         self._set_state(ConnectorState.FINISHING)
         await self._shutdown_output()
+        if self._suspending and self._stopping.is_set():
+            self._suspend_session(session)
+            return
         reading = self.hw.meter.reading()
         if reading is not None:
             register = reading.energy_export_kwh if session.request.mode == "discharge" else reading.energy_import_kwh
@@ -776,6 +841,18 @@ class Connector:
             self.listener.command_status(self._stop[1], "completed", "Charging stopped", {"energy_delivered": record["energy"]})
         self._stop = None
         log.info("session_finished", connector=self.id, record_id=session.record_id, reason=stop_reason, energy=record["energy"])
+        self._set_state(ConnectorState.VEHICLE_CONNECTED if self._plugged else ConnectorState.IDLE)
+
+    def _suspend_session(self, session: Session) -> None:
+        """Shutdown with ``suspend``: output already safe; keep the session open for a resume."""
+        reading = self.hw.meter.reading()
+        if reading is not None:
+            register = reading.energy_export_kwh if session.request.mode == "discharge" else reading.energy_import_kwh
+            session.observe(register, reading.power_kw, self.hw.vehicle.status().soc)
+        self.session = None
+        self._stop = None
+        self.listener.session_suspended(session)
+        log.info("session_suspended", connector=self.id, record_id=session.record_id)
         self._set_state(ConnectorState.VEHICLE_CONNECTED if self._plugged else ConnectorState.IDLE)
 
     async def _shutdown_output(self, initial: bool = False) -> None:

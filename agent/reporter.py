@@ -30,7 +30,7 @@ import structlog
 
 from agent.connector import ConnectorState
 from agent.faults import ActiveFault, Severity
-from agent.session import Session, iso, utc_now
+from agent.session import Session, iso, record_from_checkpoint, utc_now
 from agent.store import Store
 from agent.store.commands import StatusTransitionError, UnknownCommandError
 
@@ -40,8 +40,12 @@ Job = Callable[[], Awaitable[Any]]
 
 
 class Reporter:
-    def __init__(self, store: Store, connector_ids: list[int]) -> None:
+    def __init__(
+        self, store: Store, connector_ids: list[int], *, cdr_extensions: bool = True, send_vin: bool = False
+    ) -> None:
         self.store = store
+        self.cdr_extensions = cdr_extensions
+        self.send_vin = send_vin
         self.connector_ids = sorted(connector_ids)
         self._queue: asyncio.Queue[Job | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
@@ -105,6 +109,57 @@ class Reporter:
             self.store.sessions.update_session(session.connector_id, checkpoint)
 
         self._submit(job)
+
+    def session_suspended(self, session: Session) -> None:
+        checkpoint = {**session.checkpoint(), "suspended_at": iso(utc_now())}
+        self.event(session.connector_id, "stop", {"reason": "shutdown", "suspended": True})
+
+        async def job() -> None:
+            await self.store.sessions.update_session(session.connector_id, checkpoint)
+
+        self._submit(job)
+
+    def close_checkpoint(
+        self,
+        connector_id: int,
+        checkpoint: dict[str, Any],
+        stop_reason: str,
+        message: str,
+        meter_end: float | None = None,
+    ) -> None:
+        """Close a persisted open session from its checkpoint: one record, exactly once.
+
+        Used for sessions left open by a power loss and for suspended sessions that
+        could not be resumed. The record and its ``stop`` event are committed with the
+        removal of the open-session row in one transaction; the session's start command
+        (if any) ends ``failed`` with ``message``.
+        """
+        end = iso(utc_now())
+        record = record_from_checkpoint(
+            checkpoint,
+            end_time=end,
+            meter_end=meter_end,
+            stop_reason=stop_reason,
+            extensions=self.cdr_extensions,
+            send_vin=self.send_vin,
+        )
+        event = {"timestamp": end, "event_type": "stop", "connector_id": connector_id, "data": {"reason": stop_reason}}
+
+        async def job() -> None:
+            result = await self.store.sessions.finalize_session(connector_id, record, [event])
+            log.warning(
+                "session_closed_from_checkpoint",
+                connector=connector_id,
+                record_id=record["record_id"],
+                stop_reason=stop_reason,
+                energy=record["energy"],
+                already=result.already_finalized,
+            )
+
+        self._submit(job)
+        command_id = checkpoint.get("command_id")
+        if command_id:
+            self.command_status(command_id, "failed", message, {"energy_delivered": record["energy"], "stop_reason": stop_reason})
 
     def session_finished(self, session: Session, record: dict[str, Any], stop_event: dict[str, Any]) -> None:
         event = {"timestamp": record["end_time"], "event_type": "stop", "connector_id": session.connector_id, "data": stop_event}

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from agent.faults import FaultBoard, Severity, most_severe, numeric_code
 from agent.limits import PowerLimits
 from agent.reporter import Reporter
 from agent.scheduler import Scheduler
-from agent.session import iso, record_from_checkpoint, utc_now
+from agent.session import utc_now
 from agent.store import Credentials, Store, StoreError
 from agent.telemetry import TelemetrySampler
 from agent.uplink.auth import Identity, TokenManager
@@ -100,7 +101,9 @@ class Agent:
             await self._start_devices(stack)
 
             ids = [c.id for c in cfg.connectors]
-            self.reporter = Reporter(self.store, ids)
+            self.reporter = Reporter(
+                self.store, ids, cdr_extensions=cfg.platform.cdr_extensions, send_vin=cfg.platform.send_vin
+            )
             await self.reporter.start()
             stack.push_async_callback(self.reporter.stop)
             self.faults = FaultBoard(self.reporter)
@@ -189,11 +192,25 @@ class Agent:
             )
 
     async def _close_power_loss_sessions(self) -> None:
-        """Close sessions left open by a crash or power loss: exactly one record each."""
-        assert self.store is not None
+        """Sessions still open from the last run: resume a recently suspended one, close the rest.
+
+        A session suspended by a clean shutdown (``[charging] on_shutdown = "suspend"``) not
+        older than ``resume_window_s`` is handed to its connector to resume. Every other
+        open session -- a crash, a power loss, an old suspension -- is closed now, with the
+        meter's current register when it can be read, exactly once.
+        """
+        assert self.store is not None and self.reporter is not None
+        policy = self.cfg.charging
         for open_session in await self.store.sessions.open_sessions():
             cp = open_session.running or open_session.start
             connector = self.connectors.get(open_session.connector_id)
+            suspended_at = cp.get("suspended_at")
+            if suspended_at and connector is not None and policy.on_shutdown == "suspend":
+                age = (utc_now() - datetime.fromisoformat(str(suspended_at).replace("Z", "+00:00"))).total_seconds()
+                if age <= policy.resume_window_s:
+                    connector.resume(cp, policy.resume_plug_wait_s)
+                    log.info("session_resume_scheduled", connector=connector.id, record_id=cp.get("record_id"))
+                    continue
             meter_end = None
             if connector is not None:
                 for _ in range(50):  # up to ~5 s for a first fresh reading
@@ -202,30 +219,28 @@ class Agent:
                         meter_end = reading.energy_export_kwh if cp.get("mode") == "discharge" else reading.energy_import_kwh
                         break
                     await asyncio.sleep(0.1)
-            end = iso(utc_now())
-            record = record_from_checkpoint(
-                cp,
-                end_time=end,
-                meter_end=meter_end,
-                stop_reason="power_loss",
-                extensions=self.cfg.platform.cdr_extensions,
-                send_vin=self.cfg.platform.send_vin,
-            )
-            event = {"timestamp": end, "event_type": "stop", "connector_id": open_session.connector_id, "data": {"reason": "power_loss"}}
-            result = await self.store.sessions.finalize_session(open_session.connector_id, record, [event])
-            log.warning(
-                "power_loss_session_closed",
-                connector=open_session.connector_id,
-                record_id=record["record_id"],
-                energy=record["energy"],
-                already=result.already_finalized,
-            )
-            command_id = cp.get("command_id")
-            if command_id:
-                assert self.reporter is not None
-                self.reporter.command_status(
-                    command_id, "failed", "session ended by a power loss", {"energy_delivered": record["energy"], "stop_reason": "power_loss"}
-                )
+            reason = "shutdown" if suspended_at else "power_loss"
+            message = "session ended by a shutdown" if suspended_at else "session ended by a power loss"
+            self.reporter.close_checkpoint(open_session.connector_id, cp, reason, message, meter_end)
+        await self.reporter.drain()
+
+    async def _close_interrupted_commands(self) -> None:
+        """Commands accepted before the last stop that nothing will finish now end ``failed``.
+
+        Spared: the start command of a session being resumed, and power limits still
+        running (:class:`agent.limits.PowerLimits` reports those when they elapse).
+        Closed sessions already reported their command through the reporter.
+        """
+        assert self.store is not None and self.reporter is not None
+        await self.reporter.drain()
+        alive = {cp.get("command_id") for c in self.connectors.values() for cp in [c.resume_checkpoint()] if cp}
+        limits = await self.store.kv.get("power_limits", [])
+        alive |= {e.get("command_id") for e in limits if isinstance(e, dict)}
+        for entry in await self.store.ledger.non_terminal():
+            if entry.command_id in alive:
+                continue
+            self.reporter.command_status(entry.command_id, "failed", "interrupted by an agent restart before it finished")
+        await self.reporter.drain()
 
     async def _start_uplink(self) -> None:
         assert self.store is not None and self.dispatcher is not None and self.reporter is not None
@@ -297,8 +312,9 @@ class Agent:
 
     async def _shutdown(self, connector_tasks: list[asyncio.Task[Any]]) -> None:
         log.info("agent_stopping")
+        suspend = self.cfg.charging.on_shutdown == "suspend"
         for connector in self.connectors.values():
-            await connector.shutdown(SHUTDOWN_STOP_REASON)
+            await connector.shutdown(SHUTDOWN_STOP_REASON, suspend=suspend)
         done, pending = await asyncio.wait(connector_tasks, timeout=20.0)
         for task in pending:
             task.cancel()

@@ -54,6 +54,7 @@ class SessionRequest:
     min_soc: int | None = None
     transaction_id: str | None = None
     schedule_id: str | None = None
+    resume: dict[str, Any] | None = None  # checkpoint of a suspended session to continue
 
 
 @dataclass
@@ -90,6 +91,25 @@ class Session:
         self.max_power_kw = max(self.max_power_kw, abs(power_kw))
         if soc is not None:
             self.soc_now = soc
+
+    @classmethod
+    def from_checkpoint(cls, cp: dict[str, Any], request: SessionRequest, now_mono: float) -> "Session":
+        """Continue a suspended session: same record, start and meter_start."""
+        start = datetime.fromisoformat(str(cp["start_time"]).replace("Z", "+00:00"))
+        elapsed = max((utc_now() - start).total_seconds(), 0.0)
+        return cls(
+            connector_id=int(cp["connector_id"]),
+            request=request,
+            start_time=start,
+            started_mono=now_mono - elapsed,
+            meter_start=float(cp["meter_start"]),
+            soc_start=cp.get("soc_start"),
+            record_id=str(cp["record_id"]),
+            meter_now=float(cp.get("meter_now", cp["meter_start"])),
+            max_power_kw=float(cp.get("max_power_kw", 0.0)),
+            soc_now=cp.get("soc_now"),
+            vin=cp.get("vin"),
+        )
 
     def checkpoint(self) -> dict[str, Any]:
         """Everything needed to close this session after a power loss."""

@@ -277,6 +277,8 @@ class RecordingListener:
     records: list[dict[str, Any]] = field(default_factory=list)
     statuses: list[tuple[str, str, str | None, dict[str, Any] | None]] = field(default_factory=list)
     progress: int = 0
+    suspended: list[dict[str, Any]] = field(default_factory=list)
+    closed: list[tuple[dict[str, Any], str]] = field(default_factory=list)
 
     def state_changed(self, connector_id: int, state: Any) -> None:
         self.states.append(str(state))
@@ -287,6 +289,12 @@ class RecordingListener:
     def session_started(self, session: Any) -> None: ...
     def session_progress(self, session: Any) -> None:
         self.progress += 1
+
+    def session_suspended(self, session: Any) -> None:
+        self.suspended.append(session.checkpoint())
+
+    def close_checkpoint(self, connector_id: int, checkpoint: dict[str, Any], stop_reason: str, message: str) -> None:
+        self.closed.append((checkpoint, stop_reason))
 
     def session_finished(self, session: Any, record: dict[str, Any], stop_event: dict[str, Any]) -> None:
         self.records.append(record)

@@ -320,3 +320,62 @@ async def test_meter_frozen_before_the_session_is_caught_by_plausibility() -> No
         assert "F-0452" in rig.fault_log.raised and not rig.contactor.closed
         assert rig.listener.records[0]["stop_reason"] == "fault"
         rig.meter.frozen = False
+
+
+async def charging_rig(rig: Rig) -> None:
+    rig.vehicle.plug()
+    await rig.until(lambda: rig.connector.state is ConnectorState.VEHICLE_CONNECTED)
+    rig.connector.request_start(SessionRequest(command_id="c1", transaction_id="tx"))
+    await rig.until(lambda: rig.connector.state is ConnectorState.CHARGING)
+
+
+async def test_shutdown_stop_closes_the_running_session_with_its_record() -> None:
+    rig = Rig()
+    task = asyncio.create_task(rig.connector.run())
+    await charging_rig(rig)
+    await rig.connector.shutdown("shutdown")
+    await asyncio.wait_for(task, 5)
+    assert [r["stop_reason"] for r in rig.listener.records] == ["shutdown"]
+    assert not rig.contactor.closed and not rig.modules.on
+    assert ("c1", "failed") in {(c, s) for c, s, _m, _d in rig.listener.statuses}
+
+
+async def test_suspend_then_resume_continues_the_same_record() -> None:
+    rig = Rig()
+    task = asyncio.create_task(rig.connector.run())
+    await charging_rig(rig)
+    record_id = rig.connector.session.record_id  # type: ignore[union-attr]
+    await asyncio.sleep(0.2)
+    await rig.connector.shutdown("shutdown", suspend=True)
+    await asyncio.wait_for(task, 5)
+    assert rig.listener.records == [] and len(rig.listener.suspended) == 1
+    assert not rig.contactor.closed and not rig.modules.on
+    checkpoint = rig.listener.suspended[0]
+    assert checkpoint["record_id"] == record_id and checkpoint["meter_now"] > checkpoint["meter_start"]
+
+    # the agent restarts: a new connector on the same hardware, the vehicle still plugged in
+    again = Rig()
+    again.contactor, again.modules, again.meter, again.vehicle = rig.contactor, rig.modules, rig.meter, rig.vehicle
+    again.connector.hw.contactor, again.connector.hw.modules = rig.contactor, rig.modules  # type: ignore[assignment]
+    again.connector.hw.meter, again.connector.hw.vehicle = rig.meter, rig.vehicle  # type: ignore[assignment]
+    again.connector.resume(checkpoint, wait_s=3.0)
+    async with again:
+        await again.until(lambda: again.connector.state is ConnectorState.CHARGING)
+        assert again.connector.session is not None and again.connector.session.record_id == record_id
+        again.connector.request_stop("remote_stop")
+        await again.until(lambda: again.listener.records != [])
+    record = again.listener.records[0]
+    assert record["record_id"] == record_id and record["meter_start"] == round(checkpoint["meter_start"], 3)
+    assert record["energy"] == pytest.approx(record["meter_end"] - record["meter_start"], abs=1e-9)
+    assert ("c1", "completed") in {(c, s) for c, s, _m, _d in again.listener.statuses}
+
+
+async def test_resume_without_the_vehicle_closes_the_checkpoint_once() -> None:
+    async with Rig() as rig:
+        checkpoint = {"record_id": "r-1", "connector_id": 1, "mode": "charge", "start_time": "2025-01-01T00:00:00Z",
+                      "meter_start": 10.0, "meter_now": 12.0, "max_power_kw": 20.0, "command_id": "c9"}
+        rig.connector.resume(checkpoint, wait_s=0.3)
+        await rig.until(lambda: rig.listener.closed != [])
+        await asyncio.sleep(0.3)
+        assert rig.listener.closed == [(checkpoint, "ev_disconnected")]
+        assert rig.connector.session is None and rig.contactor.cycles == 0
