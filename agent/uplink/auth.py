@@ -25,8 +25,9 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import structlog
 
@@ -71,7 +72,9 @@ class CredentialStoreLike(Protocol):
 class AuthError(Exception):
     """No token can be had right now; ``result`` is the last answer (``kind`` tells why)."""
 
-    def __init__(self, message: str, result: ApiResult | None = None, *, reprovision: bool = False) -> None:
+    def __init__(
+        self, message: str, result: ApiResult | None = None, *, reprovision: bool = False
+    ) -> None:
         super().__init__(message)
         self.result = result
         self.reprovision = reprovision
@@ -138,7 +141,9 @@ class TokenManager:
             except AuthError as exc:
                 if self._token is not None and self.clock() < self._expires_at - REFRESH_RETRY_S:
                     self._refresh_at = self.clock() + REFRESH_RETRY_S
-                    log.warning("token_refresh_deferred", error=str(exc), retry_in_s=REFRESH_RETRY_S)
+                    log.warning(
+                        "token_refresh_deferred", error=str(exc), retry_in_s=REFRESH_RETRY_S
+                    )
                     return self._token
                 raise
             assert self._token is not None
@@ -166,10 +171,16 @@ class TokenManager:
         result = await self.http.request(
             "POST",
             "/device/token",
-            body={"device_id": creds.device_id, "device_secret": creds.device_secret, "grant_type": "client_credentials"},
+            body={
+                "device_id": creds.device_id,
+                "device_secret": creds.device_secret,
+                "grant_type": "client_credentials",
+            },
             enveloped=False,
         )
-        token = result.data.get("access_token") if result.ok and isinstance(result.data, dict) else None
+        token = (
+            result.data.get("access_token") if result.ok and isinstance(result.data, dict) else None
+        )
         if isinstance(token, str) and token:
             expires_in = _positive_number(result.data.get("expires_in"), 86400.0)
             margin = min(REFRESH_MARGIN_S + self.rng.uniform(0, REFRESH_JITTER_S), expires_in / 2)
@@ -217,8 +228,15 @@ class TokenManager:
         self.last_error = result.describe()
         if result.kind == "conflict":
             self.needs_reprovision = True
-            log.error("needs_reprovisioning", reason="serial number already registered and no stored secret")
-            raise AuthError("registration refused: already registered, no stored secret", result, reprovision=True)
+            log.error(
+                "needs_reprovisioning",
+                reason="serial number already registered and no stored secret",
+            )
+            raise AuthError(
+                "registration refused: already registered, no stored secret",
+                result,
+                reprovision=True,
+            )
         raise AuthError(f"registration failed: {result.describe()}", result)
 
 

@@ -111,8 +111,12 @@ class PlatformHttp:
         max_connections: int = 64,
     ) -> None:
         parts = urlsplit(base_url)
-        if parts.scheme != "https" and not (parts.scheme == "http" and is_loopback_host(parts.hostname or "")):
-            raise ValueError(f"refusing insecure platform URL {base_url!r}: https is required off loopback")
+        if parts.scheme != "https" and not (
+            parts.scheme == "http" and is_loopback_host(parts.hostname or "")
+        ):
+            raise ValueError(
+                f"refusing insecure platform URL {base_url!r}: https is required off loopback"
+            )
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
         self.max_connections = max_connections
@@ -172,13 +176,16 @@ class PlatformHttp:
                 return result
         except asyncio.CancelledError:
             raise
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return ApiResult(None, error=f"timeout after {timeout.total:.0f} s on {method} {path}")
         except aiohttp.ClientError as exc:
             return ApiResult(None, error=f"{type(exc).__name__}: {exc}")
         except OSError as exc:
             return ApiResult(None, error=f"network error: {exc}")
-        except (RuntimeError, ValueError) as exc:  # session closed under us (force_reconnect), bad text
+        except (
+            RuntimeError,
+            ValueError,
+        ) as exc:  # session closed under us (force_reconnect), bad text
             return ApiResult(None, error=f"{type(exc).__name__}: {exc}")
 
 
@@ -198,20 +205,27 @@ def _parse(status: int, text: str, enveloped: bool) -> ApiResult:
         body = json.loads(text)
     except ValueError:
         return ApiResult(
-            status, message="non-JSON answer", raw=text[:200], error="non-JSON answer" if success else None
+            status,
+            message="non-JSON answer",
+            raw=text[:200],
+            error="non-JSON answer" if success else None,
         )
     if not isinstance(body, dict):
         return ApiResult(
-            status, message="unexpected JSON shape", raw=body, error="unexpected JSON shape" if success else None
+            status,
+            message="unexpected JSON shape",
+            raw=body,
+            error="unexpected JSON shape" if success else None,
         )
     if not enveloped and "access_token" in body:
         return ApiResult(status, code=0, data=body, raw=body)
     code = body.get("code")
+    details = body.get("details")
     return ApiResult(
         status,
         code=code if isinstance(code, int) and not isinstance(code, bool) else None,
         message=str(body.get("message", "")),
         data=body.get("data"),
-        details=body.get("details") if isinstance(body.get("details"), dict) else {},
+        details=details if isinstance(details, dict) else {},
         raw=body,
     )

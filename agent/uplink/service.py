@@ -5,32 +5,50 @@ Contract:
 * Charging never waits on anything here: the uplink only reads the outbox and
   hands received commands to the dispatcher. It can be stopped, restarted
   (:meth:`Uplink.force_reconnect`) or disabled without touching a connector.
+  A loop that hits an unexpected error logs it and restarts after a backoff; it
+  never dies silently.
 * Items leave the outbox only after the platform acknowledged them (2xx with
   ``code`` 0 or an empty body; ``4001`` for a charging record = already stored).
-  A permanent rejection (``1001``/``1002``) moves the item to the dead-letter table;
-  billing data is never deleted silently.
+  A permanent rejection (``1001``/``1002``, or ``4001`` on anything but a charging
+  record, or ``3001`` on a command status) moves the item to the dead-letter table;
+  billing data is never deleted silently. Everything else is retried.
+* Send order is strict priority: ``command_status``, ``charging_record``, ``event``,
+  ``firmware_status``, ``telemetry``, oldest first within a kind; the next item is
+  chosen again after every wait, so a newly queued urgent item goes next. A class
+  paused by a 429 is skipped (the other class keeps flowing) until the pause ends.
 * Rate shaping under the per-device limits: heartbeat+telemetry share a bucket of
   ``high_rate`` req/s (limit 10/s), events+records+statuses(+firmware status) share
-  ``other_rate`` req/min (limit 60/min). A 429 pauses the whole class for
-  ``retry_after_seconds`` (or the backoff delay).
+  ``other_per_minute`` req/min (limit 60/min), each with a burst of 1 by default, so
+  neither class can exceed its limit over any window (and CDRs/events never go out
+  faster than 1/s while a backlog drains). A 429 pauses the whole class for
+  ``retry_after_seconds`` (or the class's backoff delay).
 * One supervised reconnect path: any transport failure (network error, timeout,
   5xx) marks the link offline; every loop then waits while a single supervisor
   retries with exponential backoff + jitter, never more than 5 reconnects in
-  10 minutes (F-0302 budget). ``force_reconnect`` counts against the same budget.
+  10 minutes (F-0302 budget, paced two minutes apart once two quick retries failed).
+  ``force_reconnect`` counts against the same budget.
+* Every wait (backoff, pacing, shaping, heartbeat interval, idle outbox) goes through
+  the injected ``sleep`` and every measurement through the injected ``clock``
+  (monotonic seconds); only HTTP timeouts and :meth:`Uplink.stop`'s timeout run on the
+  event loop's clock. The wall clock is read for the heartbeat ``timestamp`` only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Awaitable, Callable, Protocol
+from datetime import UTC, datetime
+from typing import Any, Protocol
 
 import structlog
 
-from agent.uplink.auth import AuthError, TokenManager
+from agent.store.outbox import PRIORITY
+from agent.uplink.auth import REPROVISION_RETRY_S, AuthError, TokenManager
 from agent.uplink.client import ApiResult, PlatformHttp
 from agent.uplink.shaping import Backoff, ReconnectBudget, TokenBucket
 
@@ -43,18 +61,28 @@ ENDPOINT_BY_KIND = {
     "firmware_status": "/device/firmware/status",
     "telemetry": "/device/telemetry",
 }
+#: Outbox kinds in send order (highest priority first).
+SEND_ORDER: tuple[str, ...] = tuple(sorted(ENDPOINT_BY_KIND, key=PRIORITY.__getitem__))
+HIGH_CLASS_KINDS = frozenset({"telemetry"})
+
+#: Documented per-device limits (platform-api §10): requests per window.
+HIGH_LIMIT_PER_S = 10
+OTHER_LIMIT_PER_MIN = 60
+FORBIDDEN_PAUSE_S = 300.0
+LONG_POLL_READ_MARGIN_S = 15.0
+IDLE_RECHECK_S = 30.0  # the outbox wakes the sender on every put; this is only a safety net
 
 
 def utc_iso() -> str:
-    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 class OutboxLike(Protocol):
-    async def next_batch(self, limit: int, kinds: Any = None) -> list[Any]: ...
+    async def next_batch(self, limit: int = ..., kinds: Any = None) -> list[Any]: ...
     async def ack(self, item_id: int) -> bool: ...
     async def nack(self, item_id: int, error: str) -> bool: ...
     async def dead_letter(self, item_id: int, reason: str) -> bool: ...
-    async def wait_for_items(self, timeout: float | None = None) -> bool: ...
+    async def wait_for_items(self, kinds: Any = None, timeout: float | None = None) -> bool: ...
     def total_depth(self, kinds: Any = None) -> int: ...
 
 
@@ -66,6 +94,8 @@ class UplinkStats:
     online: bool = False
     last_heartbeat_ok: str | None = None
     reconnects: int = 0
+    #: clock times of the most recent reconnect attempts (diagnostics, F-0302 evidence)
+    reconnect_times: deque[float] = field(default_factory=lambda: deque(maxlen=64))
     sent: dict[str, int] = field(default_factory=dict)
     dead_lettered: int = 0
     last_error: str | None = None
@@ -86,6 +116,8 @@ class Uplink:
         long_poll_wait_s: int = 30,
         high_rate: float = 8.0,
         other_per_minute: float = 50.0,
+        high_burst: float = 1.0,
+        other_burst: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -95,22 +127,32 @@ class Uplink:
         self.outbox = outbox
         self.deliver = deliver
         self.heartbeat_status = heartbeat_status
-        self.connector_ids = connector_ids
+        self.connector_ids = list(connector_ids)
         self.heartbeat_interval_s = heartbeat_interval_s
-        self.long_poll_wait_s = long_poll_wait_s
+        self.long_poll_wait_s = max(1, min(60, int(long_poll_wait_s)))
         self.clock = clock
         self.rng = rng or random.Random()
         self.sleep = sleep
-        self.high = TokenBucket(high_rate, burst=high_rate, clock=clock)
-        self.other = TokenBucket(other_per_minute / 60.0, burst=5.0, clock=clock)
+        self.high = TokenBucket(high_rate, burst=high_burst, clock=clock)
+        self.other = TokenBucket(other_per_minute / 60.0, burst=other_burst, clock=clock)
+        if self.high.max_in_window(1.0) > HIGH_LIMIT_PER_S:
+            raise ValueError(f"high_rate + high_burst must stay within {HIGH_LIMIT_PER_S}/s")
+        if self.other.max_in_window(60.0) > OTHER_LIMIT_PER_MIN:
+            raise ValueError(
+                f"other_per_minute + other_burst must stay within {OTHER_LIMIT_PER_MIN}/min"
+            )
         self.backoff = Backoff(rng=self.rng)
+        self._class_backoff = {self.high: Backoff(rng=self.rng), self.other: Backoff(rng=self.rng)}
         self.budget = ReconnectBudget(clock=clock)
         self.stats = UplinkStats()
         self._online = asyncio.Event()
         self._offline = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._poll_tasks: list[asyncio.Task[None]] = []
+        self._poll_generation = 0
         self._running = False
+        self._immediate = False
+        self._connected_once = False
         self._heartbeat_now = asyncio.Event()
 
     # ------------------------------------------------------------------ lifecycle
@@ -124,45 +166,82 @@ class Uplink:
         self._running = True
         self._offline.set()
         self._tasks = [
-            asyncio.create_task(self._supervisor(), name="uplink-supervisor"),
-            asyncio.create_task(self._heartbeat_loop(), name="uplink-heartbeat"),
-            asyncio.create_task(self._sender_loop(), name="uplink-sender"),
+            asyncio.create_task(
+                self._guarded("supervisor", self._supervisor), name="uplink-supervisor"
+            ),
+            asyncio.create_task(
+                self._guarded("heartbeat", self._heartbeat_loop), name="uplink-heartbeat"
+            ),
+            asyncio.create_task(self._guarded("sender", self._sender_loop), name="uplink-sender"),
         ]
         self._start_polls()
 
     def _start_polls(self) -> None:
+        self._poll_generation += 1
+        generation = self._poll_generation
         self._poll_tasks = [
-            asyncio.create_task(self._poll_loop(cid), name=f"uplink-poll-{cid}") for cid in self.connector_ids
+            asyncio.create_task(
+                self._guarded(f"poll-{cid}", functools.partial(self._poll_loop, cid, generation)),
+                name=f"uplink-poll-{cid}",
+            )
+            for cid in self.connector_ids
         ]
 
     async def stop(self, *, final_heartbeat: bool = True, timeout: float = 5.0) -> None:
         """Stop every loop; send a final heartbeat ``offline`` first when online."""
         self._running = False
-        for task in self._tasks + self._poll_tasks:
+        current = asyncio.current_task()
+        tasks = [t for t in self._tasks + self._poll_tasks if t is not current]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, *self._poll_tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         if final_heartbeat and self.online:
             try:
-                await asyncio.wait_for(self._send_heartbeat("offline"), timeout)
-            except (asyncio.TimeoutError, AuthError):
-                log.warning("final_heartbeat_failed")
+                result = await asyncio.wait_for(self._send_heartbeat("offline"), timeout)
+                if not result.ok:
+                    log.warning("final_heartbeat_failed", error=result.describe())
+            except (TimeoutError, AuthError) as exc:
+                log.warning("final_heartbeat_failed", error=str(exc) or type(exc).__name__)
         await self.http.close()
         self._online.clear()
+        self.stats.online = False
 
     async def force_reconnect(self) -> None:
-        """Drop every connection, fetch a new token, restart the poll loops (counts as a reconnect)."""
+        """Drop every connection, fetch a new token, restart the poll loops (counts as a reconnect).
+
+        Safe to call from inside ``deliver`` (a command handler): the calling poll loop is
+        not cancelled under its caller; it ends by itself once ``deliver`` returns.
+        """
         log.info("force_reconnect")
-        for task in self._poll_tasks:
+        current = asyncio.current_task()
+        old = [t for t in self._poll_tasks if t is not current]
+        self._poll_generation += 1  # the calling poll loop (if any) ends after its deliver
+        for task in old:
             task.cancel()
-        await asyncio.gather(*self._poll_tasks, return_exceptions=True)
+        await asyncio.gather(*old, return_exceptions=True)
         await self.http.close()
         self.tokens.invalidate()
         self._mark_offline("force_reconnect", immediate=True)
-        self._start_polls()
+        if self._running:
+            self._start_polls()
 
     def heartbeat_soon(self) -> None:
         """Send a heartbeat now (e.g. after a fault changed the device status)."""
         self._heartbeat_now.set()
+
+    async def _guarded(self, name: str, body: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run a loop; restart it after an unexpected exception instead of dying silently."""
+        backoff = Backoff(rng=self.rng)
+        while self._running:
+            try:
+                await body()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.stats.last_error = f"{name}: {type(exc).__name__}: {exc}"
+                log.exception("uplink_loop_error", loop=name)
+                await self.sleep(backoff.next_delay())
 
     # ------------------------------------------------------------------ connection supervision
 
@@ -172,43 +251,52 @@ class Uplink:
         self._online.clear()
         self.stats.online = False
         self.stats.last_error = reason
-        self._immediate = immediate
+        self._immediate = self._immediate or immediate
         self._offline.set()
 
     def _mark_online(self) -> None:
         if not self._online.is_set():
-            log.info("uplink_online")
+            log.info("uplink_online", reconnects_in_window=self.budget.used())
         self.backoff.reset()
         self.stats.online = True
         self._offline.clear()
         self._online.set()
 
     async def _supervisor(self) -> None:
-        """The one reconnect path: wait while offline, retry within backoff and budget."""
-        first = True
+        """The one reconnect path: wait while offline, retry within backoff and budget.
+
+        The very first connection after :meth:`start` is not a reconnect; every later
+        attempt is, and is counted in the budget before it is made.
+        """
         while self._running:
             await self._offline.wait()
-            if not first:
-                delay = 0.0 if getattr(self, "_immediate", False) else self.backoff.next_delay()
+            if self._connected_once:
+                delay = 0.0 if self._immediate else self.backoff.next_delay()
                 delay = max(delay, self.budget.wait_time())
                 if delay > 0:
-                    log.info("reconnect_wait", seconds=round(delay, 1), budget_used=self.budget.used())
+                    log.info(
+                        "reconnect_wait", seconds=round(delay, 1), budget_used=self.budget.used()
+                    )
                     await self.sleep(delay)
                 self.budget.record()
                 self.stats.reconnects += 1
+                self.stats.reconnect_times.append(self.clock())
+            self._connected_once = True
             self._immediate = False
             try:
                 await self.tokens.token()
-                result = await self._send_heartbeat(self.heartbeat_status()[0])
+                result = await self._send_heartbeat()
             except AuthError as exc:
                 log.warning("reconnect_auth_failed", error=str(exc))
-                first = False
                 if exc.reprovision:
-                    await self.sleep(600.0)
+                    await self.sleep(REPROVISION_RETRY_S)
                 continue
-            if result.ok:
+            if not result.ok:
+                log.warning("reconnect_failed", error=result.describe())
+            elif self._immediate:
+                continue  # force_reconnect() ran while this probe delivered its commands
+            else:
                 self._mark_online()
-            first = False
 
     async def _wait_online(self) -> None:
         await self._online.wait()
@@ -216,34 +304,67 @@ class Uplink:
     # ------------------------------------------------------------------ requests
 
     async def _call(
-        self, method: str, path: str, *, body: Any = None, params: dict[str, Any] | None = None, timeout_s: float | None = None
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        params: dict[str, Any] | None = None,
+        timeout_s: float | None = None,
+        retry_bucket: TokenBucket | None = None,
     ) -> ApiResult:
         """One authorised request with the documented 401 reaction (new token, retry once)."""
+        result = ApiResult(None, error="not sent")
         for attempt in (0, 1):
+            if attempt == 1 and retry_bucket is not None:
+                await self._shape(retry_bucket)
             token = await self.tokens.token()
-            result = await self.http.request(method, path, body=body, params=params, token=token, timeout_s=timeout_s)
-            if result.kind == "auth" and attempt == 0:
-                self.tokens.invalidate()
-                continue
+            result = await self.http.request(
+                method, path, body=body, params=params, token=token, timeout_s=timeout_s
+            )
+            if result.kind == "auth":
+                self.tokens.invalidate(token)
+                if attempt == 0:
+                    continue
             if result.kind == "transient":
                 self._mark_offline(result.describe())
             return result
         return result
 
-    async def _send_heartbeat(self, status: str) -> ApiResult:
-        _, fault_code = self.heartbeat_status()
-        body = {"timestamp": utc_iso(), "status": status, "fault_code": fault_code if status != "offline" else fault_code}
+    def _recover_credentials(self, result: ApiResult) -> None:
+        """A 401 after the retry, or 3001 on a device call: new token via the supervisor."""
+        self.tokens.invalidate()
+        self._mark_offline(f"credential recovery: {result.describe()}")
+
+    async def _send_heartbeat(self, status: str | None = None) -> ApiResult:
+        current_status, fault_code = self.heartbeat_status()
+        body: dict[str, Any] = {
+            "timestamp": utc_iso(),
+            "status": status or current_status,
+            "fault_code": int(fault_code),
+        }
         await self._shape(self.high)
-        result = await self._call("POST", "/device/heartbeat", body=body)
+        result = await self._call("POST", "/device/heartbeat", body=body, retry_bucket=self.high)
         if result.ok:
             self.stats.last_heartbeat_ok = body["timestamp"]
-            commands = (result.data or {}).get("commands") if isinstance(result.data, dict) else None
-            for cmd in commands or []:
+            commands = result.data.get("commands") if isinstance(result.data, dict) else None
+            for cmd in commands if isinstance(commands, list) else []:
                 if isinstance(cmd, dict):
-                    await self.deliver(cmd, "heartbeat", None)
+                    await self._deliver(cmd, "heartbeat", None)
         elif result.kind == "rate_limited":
+            self.stats.rate_limited += 1
             self.high.pause(result.retry_after or 1.0)
+        elif result.kind in ("auth", "not_found"):
+            self.tokens.invalidate()
         return result
+
+    async def _deliver(self, cmd: dict[str, Any], channel: str, connector_id: int | None) -> None:
+        try:
+            await self.deliver(cmd, channel, connector_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("deliver_failed", channel=channel, command_id=cmd.get("command_id"))
 
     async def _shape(self, bucket: TokenBucket) -> None:
         while True:
@@ -253,77 +374,116 @@ class Uplink:
                 return
             await self.sleep(delay)
 
+    def _bucket_for(self, kind: str) -> TokenBucket:
+        return self.high if kind in HIGH_CLASS_KINDS else self.other
+
     # ------------------------------------------------------------------ loops
 
     async def _heartbeat_loop(self) -> None:
         while self._running:
             await self._wait_online()
-            interval = self.heartbeat_interval_s + self.rng.uniform(-2.0, 2.0)
-            try:
-                await asyncio.wait_for(self._heartbeat_now.wait(), max(interval, 1.0))
-            except asyncio.TimeoutError:
-                pass
+            interval = max(1.0, self.heartbeat_interval_s + self.rng.uniform(-2.0, 2.0))
+            await self._sleep_unless(self._heartbeat_now.wait(), interval)
             self._heartbeat_now.clear()
             if not self.online:
                 continue
             try:
-                result = await self._send_heartbeat(self.heartbeat_status()[0])
+                result = await self._send_heartbeat()
             except AuthError as exc:
                 self._mark_offline(str(exc))
                 continue
-            if not result.ok:
+            if result.kind in ("auth", "not_found"):
+                self._recover_credentials(result)
+            elif not result.ok:
                 log.warning("heartbeat_failed", error=result.describe())
+
+    async def _sleep_unless(self, wake: Awaitable[Any], seconds: float) -> None:
+        """Sleep ``seconds`` with the injected ``sleep``, or less if ``wake`` completes first.
+
+        Every wait goes through the injected clock: the outbox's own ``timeout`` would be
+        measured on the real monotonic clock.
+        """
+        sleeper = asyncio.ensure_future(self.sleep(seconds))
+        waker = asyncio.ensure_future(wake)
+        try:
+            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for fut in (sleeper, waker):
+                fut.cancel()
+            await asyncio.gather(sleeper, waker, return_exceptions=True)
 
     async def _sender_loop(self) -> None:
         while self._running:
             await self._wait_online()
-            items = await self.outbox.next_batch(20)
-            if not items:
-                await self.outbox.wait_for_items(timeout=1.0)
+            kinds = [k for k in SEND_ORDER if self._bucket_for(k).paused_for() <= 0]
+            paused = [b.paused_for() for b in (self.high, self.other) if b.paused_for() > 0]
+            if not kinds:
+                await self.sleep(min(paused))
                 continue
-            for item in items:
-                if not self.online:
-                    break
-                try:
-                    await self._send_item(item)
-                except AuthError as exc:
-                    await self.outbox.nack(item.id, str(exc))
-                    self._mark_offline(str(exc))
-                    break
+            items = await self.outbox.next_batch(1, kinds=kinds)
+            if not items:
+                await self._sleep_unless(
+                    self.outbox.wait_for_items(kinds=kinds), min([IDLE_RECHECK_S, *paused])
+                )
+                continue
+            item = items[0]
+            bucket = self._bucket_for(item.kind)
+            delay = bucket.delay()
+            if delay > 0:
+                await self.sleep(delay)
+                continue  # choose again: something more urgent may have been queued meanwhile
+            if not self.online:
+                continue
+            bucket.take()
+            try:
+                await self._send_item(item, bucket)
+            except AuthError as exc:
+                await self.outbox.nack(item.id, str(exc))
+                self._mark_offline(str(exc))
 
-    async def _send_item(self, item: Any) -> None:
-        bucket = self.high if item.kind == "telemetry" else self.other
-        await self._shape(bucket)
-        result = await self._call("POST", ENDPOINT_BY_KIND[item.kind], body=item.payload)
+    async def _send_item(self, item: Any, bucket: TokenBucket) -> None:
+        result = await self._call(
+            "POST", ENDPOINT_BY_KIND[item.kind], body=item.payload, retry_bucket=bucket
+        )
         kind = result.kind
+        backoff = self._class_backoff[bucket]
         if kind == "ok" or (kind == "conflict" and item.kind == "charging_record"):
             await self.outbox.ack(item.id)
+            backoff.reset()
             self.stats.sent[item.kind] = self.stats.sent.get(item.kind, 0) + 1
-        elif kind == "permanent" or (kind == "not_found" and item.kind == "command_status"):
-            log.error("upload_rejected", kind=item.kind, error=result.describe())
+        elif kind in ("permanent", "conflict") or (
+            kind == "not_found" and item.kind == "command_status"
+        ):
+            log.error("upload_rejected", kind=item.kind, item_id=item.id, error=result.describe())
             await self.outbox.dead_letter(item.id, result.describe())
             self.stats.dead_lettered += 1
         elif kind == "rate_limited":
             self.stats.rate_limited += 1
-            bucket.pause(result.retry_after or self.backoff.next_delay())
+            pause = result.retry_after or backoff.next_delay()
+            log.warning("rate_limited", kind=item.kind, pause_s=pause)
+            bucket.pause(pause)
             await self.outbox.nack(item.id, result.describe())
         elif kind == "forbidden":
             log.error("upload_forbidden", kind=item.kind, error=result.describe())
             await self.outbox.nack(item.id, result.describe())
-            bucket.pause(300.0)
-        else:
+            bucket.pause(FORBIDDEN_PAUSE_S)
+        elif kind in ("auth", "not_found"):
+            await self.outbox.nack(item.id, result.describe())
+            self._recover_credentials(result)
+        else:  # transient: _call marked the link offline, the supervisor takes over
             await self.outbox.nack(item.id, result.describe())
 
-    async def _poll_loop(self, connector_id: int) -> None:
+    async def _poll_loop(self, connector_id: int, generation: int) -> None:
         backoff = Backoff(rng=self.rng)
-        while self._running:
+        channel = f"long_poll:{connector_id}"
+        while self._running and generation == self._poll_generation:
             await self._wait_online()
             try:
                 result = await self._call(
                     "GET",
                     "/device/commands",
                     params={"connector_id": connector_id, "wait": self.long_poll_wait_s},
-                    timeout_s=self.long_poll_wait_s + 15.0,
+                    timeout_s=self.long_poll_wait_s + LONG_POLL_READ_MARGIN_S,
                 )
             except AuthError as exc:
                 self._mark_offline(str(exc))
@@ -331,10 +491,14 @@ class Uplink:
             if result.ok:
                 backoff.reset()
                 if isinstance(result.data, dict):
-                    await self.deliver(result.data, f"long_poll:{connector_id}", connector_id)
+                    await self._deliver(result.data, channel, connector_id)
                 continue
+            if result.kind == "transient":
+                continue  # offline now; wait for the supervisor
             if result.kind == "rate_limited":
                 await self.sleep(result.retry_after or backoff.next_delay())
-            elif result.kind != "transient":
+            elif result.kind == "auth":
+                self._recover_credentials(result)
+            else:
                 log.warning("long_poll_failed", connector=connector_id, error=result.describe())
                 await self.sleep(backoff.next_delay())

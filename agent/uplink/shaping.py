@@ -21,7 +21,7 @@ from __future__ import annotations
 import random
 import time
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 Clock = Callable[[], float]
 
@@ -70,7 +70,9 @@ class TokenBucket:
 class Backoff:
     """``min(base * 2^attempt, ceiling)`` plus 0-30 % jitter (platform-api §3)."""
 
-    def __init__(self, base: float = 1.0, ceiling: float = 30.0, rng: random.Random | None = None) -> None:
+    def __init__(
+        self, base: float = 1.0, ceiling: float = 30.0, rng: random.Random | None = None
+    ) -> None:
         self.base = base
         self.ceiling = ceiling
         self.attempt = 0
@@ -94,7 +96,12 @@ class ReconnectBudget:
     """
 
     def __init__(
-        self, limit: int = 5, window: float = 600.0, clock: Clock = time.monotonic, *, quick: int = 2
+        self,
+        limit: int = 5,
+        window: float = 600.0,
+        clock: Clock = time.monotonic,
+        *,
+        quick: int = 2,
     ) -> None:
         if limit < 1 or window <= 0 or not 1 <= quick <= limit:
             raise ValueError("need limit >= 1, window > 0 and 1 <= quick <= limit")
