@@ -270,7 +270,7 @@ class Connector:
         An armed, not yet started session fails.
         """
         self._suspending = suspend
-        if self.session is not None and self._stop is None:
+        if self.in_session() and self._stop is None:  # includes a preparation under way
             self._stop = (reason, None)
         if self._pending is not None:
             self._fail_pending("agent shutting down")
@@ -636,6 +636,9 @@ class Connector:
                     return False
                 seen.add(r.taken_at)
                 if r.resistance_kohm < p.isolation_fault_kohm:
+                    # a failed test is the most telling point of the insulation trend
+                    self.last_isolation_kohm = r.resistance_kohm
+                    self.last_isolation_at = iso(utc_now())
                     raise SessionAbort(
                         "fault",
                         f"insulation {r.resistance_kohm:.0f} kOhm below {p.isolation_fault_kohm:.0f} kOhm",

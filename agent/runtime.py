@@ -109,6 +109,7 @@ class Agent:
             self.faults = FaultBoard(self.reporter)
             self._build_connectors()
             await self._close_power_loss_sessions()
+            await self._close_interrupted_commands()
 
             self.limits = PowerLimits(
                 self.store.kv,

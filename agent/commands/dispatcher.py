@@ -12,8 +12,10 @@ For every delivered command, in this order:
    the field (``params.target_soc: ...``).
 5. Connector-scoped commands need a connector: ``params.connector_id``, else the
    long-poll it came on, else the only connector; otherwise ``rejected``.
-6. The handler runs; it reports ``accepted`` (and later ``completed``/``failed``) or
-   raises :class:`agent.connector.Rejected`.
+6. Risk class (§14.2): a medium-risk command is refused while a session runs.
+7. The handler runs; it reports ``accepted`` (and later ``completed``/``failed``) or
+   raises :class:`agent.connector.Rejected`; any other exception ends the command
+   ``failed`` ("internal error: ...").
 
 Every decision is written to the append-only audit log.
 """
@@ -63,11 +65,17 @@ Run = Callable[[CommandContext], Awaitable[None]]
 
 @dataclass(frozen=True)
 class CommandSpec:
+    """One command. ``risk`` is the §14.2 class: a ``medium`` command is refused while any
+    session runs, unless ``own_session_check`` says its handler applies a finer rule
+    (``reset_power_module``: refused only when the module carries a session it cannot
+    be taken out of)."""
+
     name: str
     params: type[Params]
     scope: Literal["connector", "device"]
     run: Run
     risk: Literal["low", "medium"] = "low"
+    own_session_check: bool = False
 
 
 class LedgerLike(Protocol):
@@ -193,11 +201,24 @@ class Dispatcher:
                 await audit("rejected", msg)
                 return
             connector = self.connectors[model.connector_id]
+        if spec.risk == "medium" and not spec.own_session_check:
+            busy = sorted(cid for cid, c in self.connectors.items() if c.in_session())
+            if busy:
+                msg = f"{command} is a medium-risk command: refused during an active session (connector {busy[0]})"
+                reject(msg)
+                await audit("rejected", msg)
+                return
         ctx = CommandContext(command_id, command, model, connector, channel, report)
         try:
             await spec.run(ctx)
         except Rejected as exc:
             reject(str(exc))
             await audit("rejected", str(exc))
+            return
+        except Exception as exc:  # a handler bug must still end the command and be audited
+            log.exception("command_handler_error", command_id=command_id, command=name)
+            message = f"internal error: {type(exc).__name__}: {exc}"
+            report("failed", message)
+            await audit("failed", message)
             return
         await audit("accepted")

@@ -379,3 +379,18 @@ async def test_resume_without_the_vehicle_closes_the_checkpoint_once() -> None:
         await asyncio.sleep(0.3)
         assert rig.listener.closed == [(checkpoint, "ev_disconnected")]
         assert rig.connector.session is None and rig.contactor.cycles == 0
+
+
+async def test_shutdown_during_preparation_never_starts_the_session() -> None:
+    rig = Rig(kind="ac", ev_ready_timeout_s=5.0)
+    rig.vehicle.wants_energy = False  # the EV keeps the connector waiting in preparation
+    task = asyncio.create_task(rig.connector.run())
+    rig.vehicle.plug()
+    await rig.until(lambda: rig.connector.state is ConnectorState.VEHICLE_CONNECTED)
+    rig.connector.request_start(SessionRequest(command_id="c1"))
+    await rig.until(lambda: rig.connector.state is ConnectorState.PREPARING)
+    await rig.connector.shutdown("shutdown")
+    rig.vehicle.wants_energy = True
+    await asyncio.wait_for(task, 5)
+    assert rig.connector.session is None and not rig.contactor.closed and rig.contactor.cycles == 0
+    assert ("c1", "failed") in {(c, s) for c, s, _m, _d in rig.listener.statuses}

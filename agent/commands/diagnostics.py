@@ -1,0 +1,260 @@
+"""Handlers of the remote diagnostic commands (platform-api §14.2, proposed extension).
+
+Risk classes (§14.2): ``reboot``, ``soft_reset``, ``force_reconnect``, ``fetch_logs``,
+``reset_contactor_counter`` and ``reset_fan_counter`` are low risk;
+``run_self_test``, ``calibrate_sensor`` and ``reset_power_module`` are medium risk and
+refused while any session runs (the dispatcher enforces the class).
+
+Lifecycle: ``accepted`` once the command is valid and started, then ``completed`` or
+``failed`` with structured ``details``; long work (log upload) re-reports ``accepted``
+with ``details.progress``. ``reboot`` is the exception: its ``completed`` is reported
+by the agent after it is back (the pending report is persisted before exiting).
+
+The handlers only use :class:`AgentServices`, the narrow surface the runtime offers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta, timezone
+from typing import Any, Literal, Protocol
+
+import structlog
+from pydantic import Field, field_validator, model_validator
+
+from agent.commands.dispatcher import CommandContext, CommandSpec
+from agent.commands.params import NoParams, Params
+from agent.connector import Connector, Rejected
+
+log = structlog.get_logger(__name__)
+
+
+# --------------------------------------------------------------------------- params
+
+
+class RebootParams(Params):
+    force: bool = Field(False, description="stop running sessions cleanly instead of waiting for them")
+
+
+class FetchLogsParams(Params):
+    upload_url: str = Field(..., min_length=8, max_length=2048)
+    since: datetime | None = None
+    until: datetime | None = None
+
+    @field_validator("since", "until")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("a date-time with a time zone (e.g. 2025-03-15T10:00:00Z)")
+        return value
+
+    @model_validator(mode="after")
+    def _window(self) -> "FetchLogsParams":
+        if self.since is not None and self.until is not None and self.until <= self.since:
+            raise ValueError("until must be after since")
+        return self
+
+    def window(self) -> tuple[datetime, datetime]:
+        until = self.until or datetime.now(timezone.utc)
+        since = self.since or until - timedelta(hours=24)
+        return since, until
+
+
+class CalibrateParams(Params):
+    sensor: str = Field(..., min_length=1, max_length=64)
+    reference_value: float = Field(..., ge=-1000.0, le=2000.0)
+
+
+class ResetFanParams(Params):
+    fan: str | int | None = Field(None, description="fan name or 0-based index; all fans when absent")
+
+
+class ResetModuleParams(Params):
+    module: int = Field(..., ge=0, le=0xFE, description="module address on the CAN bus")
+
+
+# --------------------------------------------------------------------------- services
+
+
+class AgentServices(Protocol):
+    """What the diagnostic handlers may ask of the running agent."""
+
+    connectors: dict[int, Connector]
+
+    def any_session(self) -> bool: ...
+    async def stop_sessions(self, reason: str) -> None: ...
+    async def schedule_reboot(self, command_id: str) -> None:
+        """Persist the pending report, then shut down and run the configured reboot action."""
+        ...
+
+    async def soft_reset(self) -> dict[str, Any]: ...
+    async def force_reconnect(self) -> bool: ...
+    async def fetch_logs(self, params: FetchLogsParams, progress: Any) -> dict[str, Any]: ...
+    async def run_self_test(self, progress: Any) -> dict[str, Any]: ...
+    def service_mode_on(self) -> bool: ...
+    async def calibrate(self, sensor: str, reference: float) -> dict[str, Any]: ...
+    async def reset_fan_counter(self, fan: str | int | None) -> dict[str, Any]: ...
+
+
+def _run_in_background(ctx: CommandContext, work: Any, name: str) -> None:
+    """Run a long diagnostic after ``accepted``; any exception ends the command ``failed``."""
+
+    async def runner() -> None:
+        try:
+            await work
+        except asyncio.CancelledError:
+            ctx.failed(f"{name} interrupted by the agent stopping")
+            raise
+        except Exception as exc:
+            log.exception("diagnostic_failed", command=name, command_id=ctx.command_id)
+            ctx.failed(f"{name} failed: {type(exc).__name__}: {exc}")
+
+    task = asyncio.create_task(runner(), name=f"diag-{name}-{ctx.command_id}")
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
+
+
+_BACKGROUND: set[asyncio.Task[None]] = set()
+
+
+def diagnostic_specs(services: AgentServices) -> dict[str, CommandSpec]:
+    async def reboot(ctx: CommandContext) -> None:
+        p: RebootParams = ctx.params
+        if services.any_session() and not p.force:
+            ctx.accepted("reboot deferred until the running sessions end", {"deferred": True})
+
+            async def wait_then_reboot() -> None:
+                while services.any_session():
+                    await asyncio.sleep(1.0)
+                await services.schedule_reboot(ctx.command_id)
+
+            _run_in_background(ctx, wait_then_reboot(), "reboot")
+            return
+        ctx.accepted("rebooting", {"forced": p.force})
+
+        async def now() -> None:
+            if services.any_session():
+                await services.stop_sessions("remote_stop")
+            await services.schedule_reboot(ctx.command_id)
+
+        _run_in_background(ctx, now(), "reboot")
+
+    async def soft_reset(ctx: CommandContext) -> None:
+        ctx.accepted("re-initialising state machines and drivers")
+
+        async def work() -> None:
+            details = await services.soft_reset()
+            ctx.completed("state machines and drivers re-initialised", details)
+
+        _run_in_background(ctx, work(), "soft_reset")
+
+    async def force_reconnect(ctx: CommandContext) -> None:
+        ctx.accepted("dropping upstream connections")
+
+        async def work() -> None:
+            online = await services.force_reconnect()
+            if online:
+                ctx.completed("reconnected with a new token")
+            else:
+                ctx.failed("not reconnected within the timeout (reconnect budget or platform unreachable)")
+
+        _run_in_background(ctx, work(), "force_reconnect")
+
+    async def fetch_logs(ctx: CommandContext) -> None:
+        p: FetchLogsParams = ctx.params
+        ctx.accepted("collecting logs")
+
+        def progress(percent: int) -> None:
+            ctx.accepted("uploading", {"progress": percent})
+
+        async def work() -> None:
+            details = await services.fetch_logs(p, progress)
+            ctx.completed("logs uploaded", details)
+
+        _run_in_background(ctx, work(), "fetch_logs")
+
+    async def run_self_test(ctx: CommandContext) -> None:
+        ctx.accepted("self test running; connectors unavailable")
+
+        def progress(check: str) -> None:
+            log.info("self_test_progress", command_id=ctx.command_id, check=check)
+
+        async def work() -> None:
+            report = await services.run_self_test(progress)
+            if report.get("passed"):
+                ctx.completed("self test passed", report)
+            else:
+                ctx.failed("self test found problems", report)
+
+        _run_in_background(ctx, work(), "run_self_test")
+
+    async def calibrate_sensor(ctx: CommandContext) -> None:
+        p: CalibrateParams = ctx.params
+        if not services.service_mode_on():
+            raise Rejected("calibrate_sensor needs local service mode (key switch or `charger-agent service-mode on`)")
+        details = await services.calibrate(p.sensor, p.reference_value)
+        ctx.accepted("calibrating", {"sensor": p.sensor})
+        ctx.completed("sensor calibrated", details)
+
+    async def reset_contactor_counter(ctx: CommandContext) -> None:
+        targets = [ctx.connector] if ctx.connector is not None else list(services.connectors.values())
+        previous = {}
+        for connector in targets:
+            previous[str(connector.id)] = connector.hw.contactor.status().cycles
+            connector.hw.contactor.reset_cycles()
+        ctx.accepted("resetting contactor counters")
+        ctx.completed("contactor counters reset", {"previous_cycles": previous})
+
+    async def reset_fan_counter(ctx: CommandContext) -> None:
+        p: ResetFanParams = ctx.params
+        details = await services.reset_fan_counter(p.fan)
+        ctx.accepted("resetting fan counter")
+        ctx.completed("fan counter reset", details)
+
+    async def reset_power_module(ctx: CommandContext) -> None:
+        p: ResetModuleParams = ctx.params
+        owner = _module_owner(services.connectors, p.module, ctx.connector)
+        modules = owner.hw.modules
+        assert modules is not None
+        session = owner.session
+        if session is not None:
+            others = [m for m in modules.modules() if m.online and m.address != p.module]
+            current = abs(modules.measured_current() or 0.0)
+            spare = sum((m.ratings.max_current if m.ratings else 0.0) for m in others)
+            if current > 0.5 and spare < current:
+                raise Rejected(
+                    f"module {p.module} carries the session on connector {owner.id}: the other modules "
+                    f"can take {spare:.0f} A of the {current:.0f} A flowing"
+                )
+        ctx.accepted(f"resetting module {p.module} on connector {owner.id}")
+
+        async def work() -> None:
+            await modules.reset_module(p.module)
+            ctx.completed(f"module {p.module} reset", {"connector_id": owner.id, "module": p.module})
+
+        _run_in_background(ctx, work(), "reset_power_module")
+
+    low: Literal["low"] = "low"
+    medium: Literal["medium"] = "medium"
+    return {
+        "reboot": CommandSpec("reboot", RebootParams, "device", reboot, low),
+        "soft_reset": CommandSpec("soft_reset", NoParams, "device", soft_reset, low),
+        "force_reconnect": CommandSpec("force_reconnect", NoParams, "device", force_reconnect, low),
+        "fetch_logs": CommandSpec("fetch_logs", FetchLogsParams, "device", fetch_logs, low),
+        "run_self_test": CommandSpec("run_self_test", NoParams, "device", run_self_test, medium),
+        "calibrate_sensor": CommandSpec("calibrate_sensor", CalibrateParams, "device", calibrate_sensor, medium),
+        "reset_contactor_counter": CommandSpec("reset_contactor_counter", NoParams, "device", reset_contactor_counter, low),
+        "reset_fan_counter": CommandSpec("reset_fan_counter", ResetFanParams, "device", reset_fan_counter, low),
+        "reset_power_module": CommandSpec(
+            "reset_power_module", ResetModuleParams, "device", reset_power_module, medium, own_session_check=True
+        ),
+    }
+
+
+def _module_owner(connectors: dict[int, Connector], address: int, hint: Connector | None) -> Connector:
+    candidates = [hint] if hint is not None else list(connectors.values())
+    for connector in candidates:
+        modules = connector.hw.modules
+        if modules is not None and any(m.address == address for m in modules.modules()):
+            return connector
+    raise Rejected(f"params.module: no power module with address {address} on this charger")
