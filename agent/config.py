@@ -31,6 +31,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from hal import registry
+from agent.calibration import CalibrationConfig
+from agent.health import HealthConfig
 from agent.store.db import StoreConfig
 from hal.config import CanBusConfig, ModbusLinkConfig, StrictModel
 
@@ -181,6 +183,17 @@ class ChargingSection(StrictModel):
     resume_plug_wait_s: float = Field(15.0, ge=1.0, le=120.0, description="time to see the vehicle after a restart")
 
 
+class DiagnosticsSection(StrictModel):
+    """How the remote diagnostic commands act on this controller."""
+
+    reboot_action: Literal["exit", "system"] = Field(
+        "exit", description="exit: leave the process and let systemd restart it; system: reboot the controller"
+    )
+    reboot_command: list[str] = Field(["systemctl", "reboot"], min_length=1, description="run for reboot_action = system")
+    journald_unit: str = Field("charger-agent.service", min_length=1, description="unit whose journal fetch_logs bundles")
+    reconnect_timeout_s: float = Field(30.0, ge=1.0, le=600.0, description="force_reconnect waits this long to be online")
+
+
 class LoggingSection(StrictModel):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -227,6 +240,9 @@ class AgentConfig(StrictModel):
     connectors: list[ConnectorConfig] = Field(..., min_length=1)
     charging: ChargingSection = ChargingSection()
     store: StoreConfig = StoreConfig()
+    diagnostics: DiagnosticsSection = DiagnosticsSection()
+    health: HealthConfig = HealthConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
     logging: LoggingSection = LoggingSection()
     sim: SimSection | None = None
 

@@ -55,17 +55,19 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
 from pydantic import Field, model_validator
 
-from agent.connector import Connector
 from agent.session import Session
 from agent.store.db import StoreError
 from agent.store.kv import KVStore
 from hal.config import StrictModel
 from hal.interfaces import ContactorPosition, ContactorStatus, FanStatus, HealthState
+
+if TYPE_CHECKING:  # the connector imports the config, which imports this module's config model
+    from agent.connector import Connector
 
 log = structlog.get_logger(__name__)
 
