@@ -210,7 +210,10 @@ class SimulatedCharger:
             if getattr(c, "backend", None) != "sim":
                 raise SimConfigError(f"connector {conn.id}: contactor backend must be 'sim' to be simulated")
             await self._add(
-                ContactorLineSimulator(c.root, c.chip, c.coil_line, c.mirror_line, c.mirror_active_low, sc.contactor)
+                # physics steps every [sim] step_s; polling the coil much faster buys nothing
+                ContactorLineSimulator(
+                    c.root, c.chip, c.coil_line, c.mirror_line, c.mirror_active_low, sc.contactor, interval_s=0.01
+                )
             )
             v = conn.vehicle.options
             expected = pilot_layout(Path(v.adc_raw_path).parent.parent, conn.id)

@@ -26,8 +26,9 @@ Behaviour, beyond the interface contract:
 * ``open()`` when the lines never came up raises ``mirror_mismatch`` (nothing can
   be confirmed; nothing was ever energised). A failed confirmation sets the weld
   latch, as the contract says.
-* Background watcher (every ``poll_interval_ms``, and on every edge event when the
-  backend has them): outside ``close()``/``open()`` the mirror must agree with the
+* Background watcher (every ``poll_interval_ms`` while a change settles or a
+  disagreement is pending, every ``idle_poll_interval_ms`` otherwise, and on every
+  edge event when the backend has them): outside ``close()``/``open()`` the mirror must agree with the
   coil. After a coil change the mirror is given the matching timeout to follow
   (e.g. after ``release()`` or a failed close). A disagreement that lasts
   ``debounce_ms`` sets ``health`` to ``FAULT``/``mirror_mismatch``.
@@ -136,7 +137,12 @@ class GpioContactor:
             default=100_000, ge=1, description="mechanical rating, for wear reporting"
         )
         poll_interval_ms: float = Field(
-            default=5.0, ge=0.5, le=1_000.0, description="mirror watcher period"
+            default=5.0, ge=0.5, le=1_000.0,
+            description="mirror watcher period while a change is settling or a disagreement is pending",
+        )
+        idle_poll_interval_ms: float = Field(
+            default=50.0, ge=0.5, le=1_000.0,
+            description="mirror watcher period in steady state (edge events, where the backend has them, are immediate)",
         )
 
         @model_validator(mode="after")
@@ -505,14 +511,16 @@ class GpioContactor:
         self._check_mirror()
 
     async def _run(self) -> None:
-        period = self.options.poll_interval_ms / 1000.0
+        fast = self.options.poll_interval_ms / 1000.0
+        idle = max(self.options.idle_poll_interval_ms / 1000.0, fast)
         while True:
             if not self._lines_ok:
                 await asyncio.sleep(REQUEST_RETRY_S)
                 if not self._lines_ok:
                     self._try_request()
                 continue
-            await asyncio.sleep(period)
+            settling = self._busy or self._disagree_since is not None or monotonic() < self._settle_until
+            await asyncio.sleep(fast if settling else idle)
             self._check_mirror()
 
     def _read_mirror(self) -> bool | None:
