@@ -143,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("emulator_args", nargs=argparse.REMAINDER, help="arguments for the emulator")
     p.set_defaults(func=cmd_emulator)
 
+    from agent import sessions_cli, status_cli
+
+    status_cli.add_parsers(sub)
+    sessions_cli.add_parsers(sub)
+
     p = sub.add_parser("demo", help="emulator + agent on simulated hardware, with a live display")
     p.add_argument("--config", "-c", default="config/sim.toml")
     p.add_argument("--duration", type=float, default=25.0, help="seconds of charging before the stop command")

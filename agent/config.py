@@ -31,8 +31,11 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from hal import registry
+from agent.archive import ArchiveConfig
 from agent.calibration import CalibrationConfig
+from agent.diagnostics.selftest import SelfTestConfig
 from agent.health import HealthConfig
+from agent.service_mode import ServiceConfig
 from agent.store.db import StoreConfig
 from hal.config import CanBusConfig, ModbusLinkConfig, StrictModel
 
@@ -242,6 +245,9 @@ class AgentConfig(StrictModel):
     store: StoreConfig = StoreConfig()
     diagnostics: DiagnosticsSection = DiagnosticsSection()
     health: HealthConfig = HealthConfig()
+    service: ServiceConfig = ServiceConfig()
+    archive: ArchiveConfig = ArchiveConfig()
+    self_test: SelfTestConfig = SelfTestConfig()
     calibration: CalibrationConfig = CalibrationConfig()
     logging: LoggingSection = LoggingSection()
     sim: SimSection | None = None

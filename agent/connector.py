@@ -176,6 +176,10 @@ class Connector:
         return self.config.kind == "dc"
 
     @property
+    def unavailable_reason(self) -> str | None:
+        return self._unavailable_reason
+
+    @property
     def supports_discharge(self) -> bool:
         return self.is_dc and self.hw.bidirectional is not None
 

@@ -51,6 +51,8 @@ class Reporter:
         self._task: asyncio.Task[None] | None = None
         self.on_state_change: Callable[[int, ConnectorState], None] | None = None
         self.on_fault_change: Callable[[], None] | None = None
+        self.on_session_started: Callable[[Session], None] | None = None
+        self.archive: Any = None  # agent.archive.SessionArchive, when enabled
         self.errors = 0
 
     async def start(self) -> None:
@@ -99,6 +101,8 @@ class Reporter:
         self._submit(lambda: self.store.outbox.put("event", body))
 
     def session_started(self, session: Session) -> None:
+        if self.on_session_started is not None:
+            self.on_session_started(session)
         checkpoint = session.checkpoint()
         self._submit(lambda: self.store.sessions.open_session(session.connector_id, session.record_id, checkpoint))
 
@@ -147,6 +151,10 @@ class Reporter:
 
         async def job() -> None:
             result = await self.store.sessions.finalize_session(connector_id, record, [event])
+            if self.archive is not None:  # the per-second archive gets the real stop reason too
+                from agent.archive import summary_from_record
+
+                await self.archive.end_session(record["record_id"], summary_from_record(record, stop_reason))
             log.warning(
                 "session_closed_from_checkpoint",
                 connector=connector_id,

@@ -21,33 +21,46 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import structlog
 
 from agent import __version__
 from agent.commands.dispatcher import Dispatcher
+from agent.archive import SessionArchive, SessionRecorder
+from agent.calibration import CalibratedThermal, Calibration, CalibrationError
+from agent.commands.diagnostics import diagnostic_specs
 from agent.commands.operational import operational_specs
+from agent.counters import FanRuntime, UnknownFanError
+from agent.health import ComponentHealth
 from agent.config import AgentConfig, LoadedConfig
-from agent.connector import Connector, ConnectorHardware
+from agent.connector import Connector, ConnectorHardware, ConnectorState, Rejected
 from agent.devices import build_devices, make_context
 from agent.faults import FaultBoard, Severity, most_severe, numeric_code
 from agent.limits import PowerLimits
 from agent.reporter import Reporter
+from agent.diagnostics.logbundle import FetchLogsParams, LogSources, collect_and_upload
+from agent.diagnostics.selftest import run_self_test
 from agent.scheduler import Scheduler
-from agent.session import utc_now
+from agent.service_mode import ServiceMode, audit_hook
+from agent.status import StatusWriter, build_status, fault_entry, status_path
+from agent.session import iso, utc_now
 from agent.store import Credentials, Store, StoreError
 from agent.telemetry import TelemetrySampler
 from agent.uplink.auth import Identity, TokenManager
 from agent.uplink.client import PlatformHttp
 from agent.uplink.service import Uplink
-from hal.interfaces import DeviceSet, HealthState
+from hal.context import BuildContext
+from hal.interfaces import DeviceSet, HealthState, Thermal
 
 log = structlog.get_logger(__name__)
 
 SHUTDOWN_STOP_REASON = "shutdown"
+PENDING_REBOOT_KEY = "pending_reboot"
 
 
 class Agent:
@@ -58,6 +71,11 @@ class Agent:
         self.cfg: AgentConfig = loaded.model
         self.store: Store | None = None
         self.devices: DeviceSet | None = None
+        self.ctx: BuildContext | None = None
+        self.thermal: Thermal | None = None  # calibrated view of the thermal driver
+        self.calibration: Calibration | None = None
+        self.fan_runtime: FanRuntime | None = None
+        self.health: ComponentHealth | None = None
         self.connectors: dict[int, Connector] = {}
         self.faults: FaultBoard | None = None
         self.reporter: Reporter | None = None
@@ -66,7 +84,18 @@ class Agent:
         self.scheduler: Scheduler | None = None
         self.limits: PowerLimits | None = None
         self.simulator: Any = None
+        self.samplers: dict[int, TelemetrySampler] = {}
+        self.reboot_requested = False
+        self.archive: SessionArchive | None = None
+        self._recorder: asyncio.Task[Any] | None = None
+        self._recorder_stop = asyncio.Event()
+        self.started_at = time.time()
+        self.service_mode: ServiceMode | None = None
+        self._stop_event: asyncio.Event | None = None
+        self._connector_tasks: list[asyncio.Task[Any]] = []
+        self._hw_tasks: list[asyncio.Task[Any]] = []
         self._tasks: list[asyncio.Task[Any]] = []
+        self._hw_lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ heartbeat status
 
@@ -81,6 +110,7 @@ class Agent:
 
     async def run(self, stop: asyncio.Event) -> int:
         cfg = self.cfg
+        self._stop_event = stop
         state_dir = Path(cfg.charger.state_dir)
         try:
             self.store = await Store.open(state_dir, cfg.store)
@@ -95,10 +125,12 @@ class Agent:
 
                 assert self.loaded.sim_root is not None
                 self.simulator = await stack.enter_async_context(SimulatedCharger(cfg, self.loaded.sim_root))
-            ctx = make_context(cfg)
-            stack.push_async_callback(ctx.close)
-            self.devices = build_devices(cfg, ctx)
-            await self._start_devices(stack)
+
+            self.started_at = time.time()
+            self.service_mode = ServiceMode(state_dir, cfg.service)
+            self.service_mode.on_change = audit_hook(self.store.ledger.audit, self.service_mode)
+            await self.service_mode.start()
+            stack.push_async_callback(self.service_mode.stop)
 
             ids = [c.id for c in cfg.connectors]
             self.reporter = Reporter(
@@ -107,8 +139,17 @@ class Agent:
             await self.reporter.start()
             stack.push_async_callback(self.reporter.stop)
             self.faults = FaultBoard(self.reporter)
-            self._build_connectors()
+            self.archive = await SessionArchive.open(state_dir, cfg.archive)
+            stack.push_async_callback(self.archive.close)
+            self.reporter.archive = self.archive
+            self.health = ComponentHealth(self.store.kv, cfg.health)
+            await self.health.load()
+            self.reporter.on_session_started = self.health.discharge.note_session_started
+            self.reporter.on_state_change = self._state_changed
+
+            await self._start_hardware()
             await self._close_power_loss_sessions()
+            await self._report_pending_reboot()
             await self._close_interrupted_commands()
 
             self.limits = PowerLimits(
@@ -121,55 +162,176 @@ class Agent:
             await self.limits.load()
             self.scheduler = Scheduler(self.store.kv, self.connectors, cfg.charger.timezone)
             await self.scheduler.load()
-            specs = operational_specs(self.limits, self.scheduler, v2g_capable=cfg.charger.v2g_capable)
-            self.dispatcher = Dispatcher(self.store.ledger, self.reporter, self.connectors, specs)
-
-            samplers = {
-                cid: TelemetrySampler(
-                    c,
-                    lambda body: self.store.outbox.put("telemetry", body),  # type: ignore[union-attr]
-                    active_s=cfg.platform.telemetry_active_interval_s,
-                    idle_s=cfg.platform.telemetry_idle_interval_s,
-                )
-                for cid, c in self.connectors.items()
+            specs = {
+                **operational_specs(self.limits, self.scheduler, v2g_capable=cfg.charger.v2g_capable),
+                **diagnostic_specs(self),
             }
-            self.reporter.on_state_change = lambda cid, _state: samplers[cid].state_changed()
-
-            connector_tasks = [asyncio.create_task(c.run(), name=f"connector-{cid}") for cid, c in self.connectors.items()]
-            self._tasks = [
-                *(asyncio.create_task(s.run(), name=f"telemetry-{cid}") for cid, s in samplers.items()),
-                asyncio.create_task(self._monitor(), name="device-monitor"),
-                asyncio.create_task(self._housekeeping(), name="housekeeping"),
-            ]
+            self.dispatcher = Dispatcher(self.store.ledger, self.reporter, self.connectors, specs)
+            self._tasks = [asyncio.create_task(self._housekeeping(), name="housekeeping")]
+            status_writer = StatusWriter(status_path(state_dir), 1.0, self.status_snapshot)
+            await status_writer.start()
+            stack.push_async_callback(status_writer.stop)
             if cfg.platform.enabled:
                 await self._start_uplink()
             log.info("agent_started", version=__version__, connectors=ids, platform=cfg.platform.url if cfg.platform.enabled else None)
 
-            stop_task = asyncio.create_task(stop.wait())
-            done, _ = await asyncio.wait([stop_task, *connector_tasks], return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                if task is not stop_task and task.exception() is not None:
-                    log.error("connector_task_died", error=repr(task.exception()))
-            stop_task.cancel()
-            await self._shutdown(connector_tasks)
-        log.info("agent_stopped")
+            await stop.wait()
+            await self._shutdown()
+        log.info("agent_stopped", reboot=self.reboot_requested)
+        if self.reboot_requested and cfg.diagnostics.reboot_action == "system":
+            await self._reboot_system()
         return 0
 
-    async def _start_devices(self, stack: contextlib.AsyncExitStack) -> None:
-        assert self.devices is not None
+    def status_snapshot(self) -> dict[str, Any]:
+        """Everything ``charger-agent status`` shows (see :func:`agent.status.build_status`)."""
+        connectors = []
+        for c in self.connectors.values():
+            reading = c.hw.meter.reading()
+            vehicle = c.hw.vehicle.status()
+            s = c.session
+            connectors.append(
+                {
+                    "id": c.id,
+                    "kind": c.config.kind,
+                    "state": c.state.value,
+                    "plugged": vehicle.plugged,
+                    "power_kw": reading.power_kw if reading is not None else None,
+                    "soc": vehicle.soc,
+                    "limit_kw": c.effective_limit_kw(),
+                    "unavailable_reason": c.unavailable_reason,
+                    "last_error": c.last_error,
+                    "session": None
+                    if s is None
+                    else {
+                        "record_id": s.record_id,
+                        "mode": s.request.mode,
+                        "started_at": iso(s.start_time),
+                        "energy_kwh": s.energy_kwh,
+                        "max_power_kw": s.max_power_kw,
+                        "soc_start": s.soc_start,
+                    },
+                }
+            )
+        faults = [
+            fault_entry(f.fault_id, f.connector_id, since=f.raised_at, details=f.details)
+            for f in (self.faults.active() if self.faults is not None else [])
+        ]
+        health = {c.id: self.health.build(c) for c in self.connectors.values()} if self.health is not None else {}
+        uplink: dict[str, Any] = {"enabled": self.cfg.platform.enabled, "online": False}
+        if self.uplink is not None:
+            uplink.update(
+                online=self.uplink.online,
+                last_heartbeat_at=self.uplink.stats.last_heartbeat_ok,
+                reconnects_10min=self.uplink.budget.used(),
+                reconnect_limit=self.uplink.budget.limit,
+                reconnects_total=self.uplink.stats.reconnects,
+                last_error=self.uplink.stats.last_error,
+            )
+        outbox = dataclasses.asdict(self.store.outbox.stats()) if self.store is not None else {}
+        return build_status(
+            agent_version=__version__,
+            connectors=connectors,
+            faults=faults,
+            component_health=health,
+            uplink=uplink,
+            outbox=outbox,
+            service_mode=self.service_mode.status() if self.service_mode is not None else {},
+            taken_at=time.time(),
+            started_at=self.started_at,
+            serial_number=self.cfg.charger.serial_number,
+        )
+
+    def service_mode_on(self) -> bool:
+        return self.service_mode is not None and self.service_mode.is_on()
+
+    def _state_changed(self, connector_id: int, _state: ConnectorState) -> None:
+        sampler = self.samplers.get(connector_id)
+        if sampler is not None:
+            sampler.state_changed()
+
+    # ------------------------------------------------------------------ hardware stack
+
+    async def _start_hardware(self) -> None:
+        """Build and start the drivers, the connector state machines and their tasks."""
+        assert self.store is not None and self.faults is not None and self.reporter is not None
+        cfg = self.cfg
+        self.ctx = make_context(cfg)
+        self.devices = build_devices(cfg, self.ctx)
 
         async def start(device: Any) -> None:
             try:
                 await asyncio.wait_for(device.start(), 15.0)
-            except Exception as exc:
+            except Exception as exc:  # the device stays unhealthy; its connector will not charge
                 log.error("device_start_failed", device=getattr(device, "name", "?"), error=f"{type(exc).__name__}: {exc}")
 
-        devices = self.devices.all()
-        await asyncio.gather(*(start(d) for d in devices))
-        for device in devices:
-            stack.push_async_callback(device.stop)
+        await asyncio.gather(*(start(d) for d in self.devices.all()))
+        self.calibration = Calibration(
+            self.store.kv, cfg.calibration, thermal=self.devices.thermal, modules=self.devices.power_modules
+        )
+        await self.calibration.load()
+        self.thermal = CalibratedThermal(self.devices.thermal, self.calibration) if self.devices.thermal else None
+        self.fan_runtime = FanRuntime(self.store.kv, self.devices.thermal)
+        await self.fan_runtime.load()
+        await self.fan_runtime.start()
+        self._build_connectors()
+        health = self.health if cfg.platform.send_component_health else None
+        self.samplers = {
+            cid: TelemetrySampler(
+                c,
+                lambda body: self.store.outbox.put("telemetry", body),  # type: ignore[union-attr]
+                active_s=cfg.platform.telemetry_active_interval_s,
+                idle_s=cfg.platform.telemetry_idle_interval_s,
+                component_health=health.build if health is not None else None,
+            )
+            for cid, c in self.connectors.items()
+        }
+        self._connector_tasks = [asyncio.create_task(c.run(), name=f"connector-{cid}") for cid, c in self.connectors.items()]
+        self._recorder_stop = asyncio.Event()
+        self._recorder = (
+            asyncio.create_task(
+                SessionRecorder(self.archive, list(self.connectors.values())).run(self._recorder_stop),
+                name="session-archive",
+            )
+            if self.archive is not None
+            else None
+        )
+        self._hw_tasks = [
+            *(asyncio.create_task(s.run(), name=f"telemetry-{cid}") for cid, s in self.samplers.items()),
+            asyncio.create_task(self._monitor(), name="device-monitor"),
+        ]
+
+    async def _stop_hardware(self, reason: str, *, suspend: bool = False) -> None:
+        """Stop sessions (closed or suspended), the connector loops, their tasks and the drivers."""
+        for connector in self.connectors.values():
+            await connector.shutdown(reason, suspend=suspend)
+        _done, pending = await asyncio.wait(self._connector_tasks, timeout=20.0) if self._connector_tasks else ((), ())
+        for task in pending:
+            log.error("connector_stop_timeout", task=task.get_name())
+            task.cancel()
+        await asyncio.gather(*self._connector_tasks, return_exceptions=True)
+        for task in self._hw_tasks:
+            task.cancel()
+        await asyncio.gather(*self._hw_tasks, return_exceptions=True)
+        self._connector_tasks, self._hw_tasks = [], []
+        if self._recorder is not None:  # after the connectors: sessions they ended get closed
+            self._recorder_stop.set()
+            await asyncio.gather(self._recorder, return_exceptions=True)
+            self._recorder = None
+        if self.health is not None:
+            await self.health.sync(self.connectors.values())
+        if self.fan_runtime is not None:
+            await self.fan_runtime.stop()
+        if self.devices is not None:
+            for device in reversed(self.devices.all()):
+                try:
+                    await asyncio.wait_for(device.stop(), 10.0)
+                except Exception:
+                    log.exception("device_stop_failed", device=getattr(device, "name", "?"))
+        if self.ctx is not None:
+            await self.ctx.close()
 
     def _build_connectors(self) -> None:
+        """(Re)build the state machines in the shared ``connectors`` dict (others hold it)."""
         assert self.devices is not None and self.faults is not None and self.reporter is not None
         d = self.devices
         for conn in self.cfg.connectors:
@@ -179,7 +341,7 @@ class Agent:
                 vehicle=d.vehicles[conn.id],
                 modules=d.power_modules.get(conn.id),
                 imd=d.imd.get(conn.id),
-                thermal=d.thermal,
+                thermal=self.thermal,
                 bidirectional=d.bidirectional.get(conn.id),
             )
             self.connectors[conn.id] = Connector(
@@ -191,6 +353,8 @@ class Agent:
                 cdr_extensions=self.cfg.platform.cdr_extensions,
                 send_vin=self.cfg.platform.send_vin,
             )
+        if self.limits is not None:
+            self.limits.apply()
 
     async def _close_power_loss_sessions(self) -> None:
         """Sessions still open from the last run: resume a recently suspended one, close the rest.
@@ -272,10 +436,10 @@ class Agent:
 
     async def _monitor(self) -> None:
         """Device-wide faults from the thermal system: F-0204 cabinet temperature, F-0601 fan."""
-        assert self.devices is not None and self.faults is not None
+        assert self.faults is not None
         policy = self.cfg.charging
         while True:
-            thermal = self.devices.thermal
+            thermal = self.thermal
             if thermal is not None:
                 temps = thermal.temperatures()
                 pm = temps.get("power_module")
@@ -300,6 +464,8 @@ class Agent:
         ticks = 0
         while True:
             await self.limits.tick()
+            if self.health is not None:
+                await self.health.sync(self.connectors.values())
             if ticks % 5 == 0:
                 self.scheduler.evaluate()
             if ticks % 3600 == 0:
@@ -311,18 +477,13 @@ class Agent:
 
     # ------------------------------------------------------------------ shutdown
 
-    async def _shutdown(self, connector_tasks: list[asyncio.Task[Any]]) -> None:
+    async def _shutdown(self) -> None:
         log.info("agent_stopping")
-        suspend = self.cfg.charging.on_shutdown == "suspend"
-        for connector in self.connectors.values():
-            await connector.shutdown(SHUTDOWN_STOP_REASON, suspend=suspend)
-        done, pending = await asyncio.wait(connector_tasks, timeout=20.0)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*connector_tasks, return_exceptions=True)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        suspend = self.cfg.charging.on_shutdown == "suspend" and not self.reboot_requested
+        await self._stop_hardware(SHUTDOWN_STOP_REASON, suspend=suspend)
         if self.reporter is not None:
             await self.reporter.drain()
         if self.uplink is not None:
@@ -332,6 +493,160 @@ class Agent:
             while self.uplink.online and self.store.outbox.total_depth(urgent) and asyncio.get_running_loop().time() < deadline:
                 await asyncio.sleep(0.1)
             await self.uplink.stop(final_heartbeat=True)
+
+    # ------------------------------------------------------------------ services for the diagnostic commands
+
+    def any_session(self) -> bool:
+        return any(c.in_session() for c in self.connectors.values())
+
+    async def stop_sessions(self, reason: str) -> None:
+        """Stop every running session cleanly and wait (bounded) until all are closed."""
+        for connector in self.connectors.values():
+            if connector.in_session():
+                try:
+                    connector.request_stop(reason)
+                except Rejected:
+                    pass
+        for _ in range(300):
+            if not self.any_session():
+                return
+            await asyncio.sleep(0.1)
+        log.error("sessions_did_not_stop", connectors=[c.id for c in self.connectors.values() if c.in_session()])
+
+    async def schedule_reboot(self, command_id: str) -> None:
+        """Persist the pending ``completed`` report, then shut down; the configured action follows."""
+        assert self.store is not None and self._stop_event is not None
+        await self.store.kv.set(PENDING_REBOOT_KEY, {"command_id": command_id, "at": iso(utc_now())})
+        log.warning("reboot_requested", command_id=command_id, action=self.cfg.diagnostics.reboot_action)
+        self.reboot_requested = True
+        self._stop_event.set()
+
+    async def _report_pending_reboot(self) -> None:
+        assert self.store is not None and self.reporter is not None
+        pending = await self.store.kv.get(PENDING_REBOOT_KEY)
+        if not isinstance(pending, dict) or not pending.get("command_id"):
+            return
+        requested = datetime.fromisoformat(str(pending.get("at", iso(utc_now()))).replace("Z", "+00:00"))
+        downtime = round((utc_now() - requested).total_seconds(), 1)
+        self.reporter.command_status(
+            str(pending["command_id"]), "completed", "agent restarted", {"downtime_s": downtime, "version": __version__}
+        )
+        await self.reporter.drain()
+        await self.store.kv.delete(PENDING_REBOOT_KEY)
+
+    async def _reboot_system(self) -> None:
+        command = self.cfg.diagnostics.reboot_command
+        log.warning("system_reboot", command=command)
+        try:
+            proc = await asyncio.create_subprocess_exec(*command)
+            await asyncio.wait_for(proc.wait(), 60)
+        except (OSError, asyncio.TimeoutError) as exc:
+            log.error("system_reboot_failed", error=str(exc))
+
+    async def soft_reset(self) -> dict[str, Any]:
+        """Close sessions cleanly, stop and rebuild drivers and state machines in this process."""
+        assert self.faults is not None
+        async with self._hw_lock:
+            started = asyncio.get_running_loop().time()
+            await self._stop_hardware("remote_stop")
+            for fault in self.faults.active():
+                # A weld is not cleared blindly: the rebuilt connector clears F-0101 itself
+                # once the fresh driver confirms the contacts open, and keeps it otherwise
+                # (no "(cleared)" report for contacts that are still welded).
+                if fault.connector_id is not None and fault.fault_id != "F-0101":
+                    self.faults.clear(fault.fault_id, fault.connector_id)
+            await self._start_hardware()
+            assert self.devices is not None
+            return {
+                "connectors": sorted(self.connectors),
+                "devices": len(self.devices.all()),
+                "duration_s": round(asyncio.get_running_loop().time() - started, 2),
+            }
+
+    async def force_reconnect(self) -> bool:
+        if self.uplink is None:
+            return False
+        await self.uplink.force_reconnect()
+        deadline = asyncio.get_running_loop().time() + self.cfg.diagnostics.reconnect_timeout_s
+        await asyncio.sleep(0.05)
+        while asyncio.get_running_loop().time() < deadline:
+            if self.uplink.online:
+                return True
+            await asyncio.sleep(0.1)
+        return False
+
+    async def fetch_logs(self, params: FetchLogsParams, progress: Callable[[int], None]) -> dict[str, Any]:
+        """Bundle logs, audit log, recent session archives and the redacted config; upload it."""
+        assert self.store is not None
+        cfg = self.cfg
+        since, until = params.window()
+        creds = self.store.credentials.load()
+        return await collect_and_upload(
+            params,
+            sources=LogSources.discover(journald_unit=cfg.diagnostics.journald_unit, log_file=cfg.logging.file),
+            audit=lambda s, u: self.store.ledger.audit_entries(since=s.timestamp(), until=u.timestamp()),  # type: ignore[union-attr]
+            config_path=self.loaded.path,
+            workdir=Path(cfg.charger.state_dir) / "diag",
+            extra_files=await self._archive_files(since, until),
+            ca_file=cfg.platform.ca_file,
+            known_secrets=[creds.device_secret] if creds is not None else [],
+            progress=progress,
+        )
+
+    async def _archive_files(self, since: datetime, until: datetime, limit: int = 20) -> list[tuple[str, bytes]]:
+        """Per-session CSV files of the archived sessions that overlap the window."""
+        if self.archive is None:
+            return []
+        files: list[tuple[str, bytes]] = []
+        for info in await self.archive.list_sessions(limit=200):
+            start = float(info.start_time)
+            end = float(info.end_time) if info.end_time is not None else until.timestamp()
+            if end < since.timestamp() or start > until.timestamp():
+                continue
+            rows = await self.archive.samples(info.record_id)
+            lines = ["t_unix,resolution,power_kw,voltage,current,soc,temperature,energy_kwh"]
+            lines += [
+                f"{r.t},{r.resolution},{r.power_kw},{r.voltage},{r.current},{r.soc},{r.temperature},{r.energy_kwh}"
+                for r in rows
+            ]
+            files.append((f"{info.record_id}.csv", ("\n".join(lines) + "\n").encode()))
+            if len(files) >= limit:
+                break
+        return files
+
+    async def run_self_test(self, progress: Callable[[str], None]) -> dict[str, Any]:
+        """Every connector out of service while the self test owns the hardware; restored after."""
+        async with self._hw_lock:
+            taken: list[Connector] = []
+            try:
+                for connector in self.connectors.values():
+                    await connector.set_unavailable("self_test")
+                    taken.append(connector)
+                hardware = {cid: c.hw for cid, c in self.connectors.items()}
+                report = await run_self_test(
+                    hardware, self.thermal, self.cfg.self_test, progress=lambda event: progress(str(event))
+                )
+            finally:
+                for connector in taken:
+                    await connector.set_unavailable(None)
+            return report.to_details()
+
+    async def calibrate(self, sensor: str, reference: float) -> dict[str, Any]:
+        assert self.calibration is not None
+        try:
+            entry = await self.calibration.calibrate(sensor, reference, self.calibration.raw_value(sensor))
+        except CalibrationError as exc:
+            raise Rejected(str(exc)) from None
+        return entry.to_dict()
+
+    async def reset_fan_counter(self, fan: str | int | None) -> dict[str, Any]:
+        assert self.fan_runtime is not None
+        try:
+            name = self.fan_runtime.resolve(fan)
+        except UnknownFanError as exc:
+            raise Rejected(f"params.fan: {exc}") from None
+        previous = await self.fan_runtime.reset(name)
+        return {"fan": name, "previous_hours": round(previous, 3)}
 
 
 async def run_agent(loaded: LoadedConfig, stop: asyncio.Event) -> int:

@@ -12,8 +12,8 @@ fi
 if [[ "$(cat "$VENV/.stamp" 2>/dev/null)" != "$want" ]]; then
   echo "tools: installing charger-agent into $VENV (first run takes a minute)" >&2
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
-  # one install (with the test extras) serves both ./tools/demo and ./tools/test
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[test]"
+  # one install (with the test and plot extras) serves both ./tools/demo and ./tools/test
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[test,plot]"
   echo "$want" > "$VENV/.stamp"
 fi
 export PATH="$VENV/bin:$PATH"

@@ -16,15 +16,15 @@ The handlers only use :class:`AgentServices`, the narrow surface the runtime off
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timedelta, timezone
 from typing import Any, Literal, Protocol
 
 import structlog
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field
 
 from agent.commands.dispatcher import CommandContext, CommandSpec
 from agent.commands.params import NoParams, Params
 from agent.connector import Connector, Rejected
+from agent.diagnostics.logbundle import BundleError, FetchLogsParams, UploadError
 
 log = structlog.get_logger(__name__)
 
@@ -34,30 +34,6 @@ log = structlog.get_logger(__name__)
 
 class RebootParams(Params):
     force: bool = Field(False, description="stop running sessions cleanly instead of waiting for them")
-
-
-class FetchLogsParams(Params):
-    upload_url: str = Field(..., min_length=8, max_length=2048)
-    since: datetime | None = None
-    until: datetime | None = None
-
-    @field_validator("since", "until")
-    @classmethod
-    def _aware(cls, value: datetime | None) -> datetime | None:
-        if value is not None and value.tzinfo is None:
-            raise ValueError("a date-time with a time zone (e.g. 2025-03-15T10:00:00Z)")
-        return value
-
-    @model_validator(mode="after")
-    def _window(self) -> "FetchLogsParams":
-        if self.since is not None and self.until is not None and self.until <= self.since:
-            raise ValueError("until must be after since")
-        return self
-
-    def window(self) -> tuple[datetime, datetime]:
-        until = self.until or datetime.now(timezone.utc)
-        since = self.since or until - timedelta(hours=24)
-        return since, until
 
 
 class CalibrateParams(Params):
@@ -164,11 +140,23 @@ def diagnostic_specs(services: AgentServices) -> dict[str, CommandSpec]:
         p: FetchLogsParams = ctx.params
         ctx.accepted("collecting logs")
 
+        reported: list[int] = []
+
         def progress(percent: int) -> None:
-            ctx.accepted("uploading", {"progress": percent})
+            # one status report per quarter: statuses share the 60/min budget with records
+            if percent >= (reported[-1] if reported else 0) + 25 or (percent == 100 and 100 not in reported):
+                reported.append(percent)
+                ctx.accepted("uploading", {"progress": percent})
 
         async def work() -> None:
-            details = await services.fetch_logs(p, progress)
+            try:
+                details = await services.fetch_logs(p, progress)
+            except UploadError as exc:
+                ctx.failed(f"upload failed: {exc}", getattr(exc, "details", None))
+                return
+            except BundleError as exc:
+                ctx.failed(f"bundle failed: {exc}")
+                return
             ctx.completed("logs uploaded", details)
 
         _run_in_background(ctx, work(), "fetch_logs")

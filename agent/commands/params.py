@@ -144,7 +144,8 @@ def validation_message(exc: ValidationError) -> str:
         if err["type"] == "missing":
             msg = "required"
         got = err.get("input")
-        if err["type"] != "missing" and not isinstance(got, (dict, list)):
+        # a URL may be pre-signed: never echo it back into a report or a log
+        if err["type"] != "missing" and not isinstance(got, (dict, list)) and "url" not in loc and "(got " not in msg:
             msg += f" (got {got!r})"
         parts.append(f"{where}: {msg}")
     return "; ".join(parts)
