@@ -44,13 +44,7 @@ from pydantic import Field
 from hal.context import BuildContext
 from hal.interfaces import Health, HealthState, MeterReading, monotonic
 from hal.modbus.link import decode_int16, decode_uint32
-from hal.modbus.poller import (
-    DeviceDataError,
-    FreezeDetector,
-    MeterOptions,
-    PolledDevice,
-    resolve_link,
-)
+from hal.modbus.poller import DeviceDataError, MeterOptions, PolledMeter
 
 #: The single holding-register block read per poll.
 MAIN_BLOCK: tuple[int, int] = (0x0000, 20)
@@ -111,7 +105,7 @@ def decode_djsf1352(
     return DjsfDecoded(reading, wire == 1, registers[0x13], (imp_raw, exp_raw))
 
 
-class Djsf1352Meter(PolledDevice[MeterReading]):
+class Djsf1352Meter(PolledMeter):
     """:class:`hal.interfaces.EnergyMeter` for an Acrel DJSF1352-RN (see module docstring)."""
 
     driver = "acrel_djsf1352"
@@ -130,19 +124,8 @@ class Djsf1352Meter(PolledDevice[MeterReading]):
         )
 
     def __init__(self, name: str, options: Options, ctx: BuildContext) -> None:
-        super().__init__(
-            name,
-            link=resolve_link(ctx, options.link, name),
-            unit_id=options.unit_id,
-            poll_interval_s=options.poll_interval_s,
-            stale_after_s=options.stale_after_s,
-        )
+        super().__init__(name, options, ctx)
         self.options = options
-        self._freeze = FreezeDetector(
-            power_threshold_kw=options.freeze_power_kw,
-            window_s=options.freeze_window_s,
-            identical_polls=options.freeze_identical_polls,
-        )
         self._alarm_bits: int | None = None
 
     async def _poll(self) -> MeterReading:

@@ -43,7 +43,7 @@ import structlog
 from pydantic import Field, model_validator
 
 from hal.config import StrictModel
-from hal.interfaces import Health, HealthState, monotonic
+from hal.interfaces import Health, HealthState, MeterReading, monotonic
 from hal.modbus.link import ModbusLink, ModbusLinkError
 
 if TYPE_CHECKING:
@@ -443,3 +443,22 @@ class FreezeDetector:
         if self._identical >= self.identical_polls:
             reasons.append(f"raw registers identical in {self._identical} consecutive polls")
         return "; ".join(reasons) or None
+
+
+class PolledMeter(PolledDevice[MeterReading]):
+    """Base of the Modbus energy meters: link, polling and freeze detection set up from
+    :class:`MeterOptions`; a subclass only decodes its register map in ``_poll``."""
+
+    def __init__(self, name: str, options: MeterOptions, ctx: BuildContext) -> None:
+        super().__init__(
+            name,
+            link=resolve_link(ctx, options.link, name),
+            unit_id=options.unit_id,
+            poll_interval_s=options.poll_interval_s,
+            stale_after_s=options.stale_after_s,
+        )
+        self._freeze = FreezeDetector(
+            power_threshold_kw=options.freeze_power_kw,
+            window_s=options.freeze_window_s,
+            identical_polls=options.freeze_identical_polls,
+        )

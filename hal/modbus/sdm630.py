@@ -35,13 +35,7 @@ from typing import Any
 from hal.context import BuildContext
 from hal.interfaces import Health, HealthState, MeterReading, PhaseReading, monotonic
 from hal.modbus.link import decode_float32
-from hal.modbus.poller import (
-    DeviceDataError,
-    FreezeDetector,
-    MeterOptions,
-    PolledDevice,
-    resolve_link,
-)
+from hal.modbus.poller import DeviceDataError, MeterOptions, PolledMeter
 
 #: (PDU address, register count) of the input-register blocks read per poll.
 INPUT_BLOCKS: tuple[tuple[int, int], ...] = ((0x0000, 18), (0x0034, 2), (0x0046, 6))
@@ -88,7 +82,7 @@ def decode_sdm630(registers: Sequence[int], taken_at: float) -> MeterReading:
     )
 
 
-class Sdm630Meter(PolledDevice[MeterReading]):
+class Sdm630Meter(PolledMeter):
     """:class:`hal.interfaces.EnergyMeter` for an Eastron SDM630 (see module docstring)."""
 
     driver = "eastron_sdm630"
@@ -97,19 +91,8 @@ class Sdm630Meter(PolledDevice[MeterReading]):
         """SDM630 options: link, unit_id (factory default 1), poll/stale timing, freeze rules."""
 
     def __init__(self, name: str, options: Options, ctx: BuildContext) -> None:
-        super().__init__(
-            name,
-            link=resolve_link(ctx, options.link, name),
-            unit_id=options.unit_id,
-            poll_interval_s=options.poll_interval_s,
-            stale_after_s=options.stale_after_s,
-        )
+        super().__init__(name, options, ctx)
         self.options = options
-        self._freeze = FreezeDetector(
-            power_threshold_kw=options.freeze_power_kw,
-            window_s=options.freeze_window_s,
-            identical_polls=options.freeze_identical_polls,
-        )
 
     async def _poll(self) -> MeterReading:
         raw: list[int] = []
