@@ -550,7 +550,9 @@ class Connector:
             raise SessionAbort("fault", "contactor not confirmed open before the session", "F-0101", connector=self.id)
         if self.hw.meter.reading() is None:
             raise SessionAbort("fault", "energy meter has no fresh reading", "F-0451")
-        if request.mode == "discharge":
+        if request.mode == "discharge" and self.hw.vehicle.status().discharge_allowed is False:
+            # an explicit refusal ends it at once; "unknown" (no HLC data yet, e.g. just
+            # after plug-in) is judged once the vehicle is ready, below
             self._check_discharge_consent(self.hw.vehicle.status())
         if self.is_dc:
             assert self.hw.modules is not None
@@ -564,6 +566,8 @@ class Connector:
             lambda: self.hw.vehicle.status().ev_ready, self.policy.ev_ready_timeout_s, ready_states
         ):
             raise SessionAbort("fault", "vehicle did not request energy in time")
+        if request.mode == "discharge":
+            self._check_discharge_consent(self.hw.vehicle.status())
         if self.is_dc:
             await self._cable_check(energy_states)
         self._abort_check(energy_states)
