@@ -178,9 +178,12 @@ class Reporter:
     ) -> None:
         async def job() -> None:
             try:
-                await self.store.ledger.update_status(command_id, status, message=message, details=details)  # type: ignore[arg-type]
+                entry = await self.store.ledger.update_status(command_id, status, message=message, details=details)  # type: ignore[arg-type]
             except (UnknownCommandError, StatusTransitionError) as exc:
                 log.warning("command_status_not_recorded", command_id=command_id, status=status, error=str(exc))
+                return
+            if status in ("completed", "failed"):  # the final outcome of work that ran after the decision
+                await self.store.ledger.audit("agent", command_id, entry.command, None, status, message)
 
         self._submit(job)
 

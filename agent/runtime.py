@@ -33,7 +33,7 @@ from agent import __version__
 from agent.commands.dispatcher import Dispatcher
 from agent.archive import SessionArchive, SessionRecorder
 from agent.calibration import CalibratedThermal, Calibration, CalibrationError
-from agent.commands.diagnostics import diagnostic_specs
+from agent.commands.diagnostics import cancel_background, diagnostic_specs
 from agent.commands.operational import operational_specs
 from agent.counters import FanRuntime, UnknownFanError
 from agent.health import ComponentHealth
@@ -479,6 +479,8 @@ class Agent:
 
     async def _shutdown(self) -> None:
         log.info("agent_stopping")
+        if not self.reboot_requested:
+            await cancel_background()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -42,7 +42,9 @@ class CalibrateParams(Params):
 
 
 class ResetFanParams(Params):
-    fan: str | int | None = Field(None, description="fan name or 0-based index; all fans when absent")
+    fan: str | int | None = Field(
+        None, description="fan name or 1-based index (like connector ids); may be absent when there is one fan"
+    )
 
 
 class ResetModuleParams(Params):
@@ -91,6 +93,18 @@ def _run_in_background(ctx: CommandContext, work: Any, name: str) -> None:
 
 
 _BACKGROUND: set[asyncio.Task[None]] = set()
+
+
+async def cancel_background() -> None:
+    """Cancel diagnostic work still running (agent shutdown): each ends ``failed``.
+
+    A deferred ``reboot`` waiting for sessions to end must not fire because the
+    shutdown itself closed those sessions.
+    """
+    tasks = list(_BACKGROUND)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def diagnostic_specs(services: AgentServices) -> dict[str, CommandSpec]:

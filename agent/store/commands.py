@@ -7,8 +7,10 @@ Contract
   response and long-poll), exactly one caller sees ``is_new=True`` and executes it.
 * **Status reports are queued with the status.** When the ledger has an outbox,
   :meth:`CommandLedger.update_status` stores the new status AND queues the ``command_status``
-  report (key ``<command_id>:<status>``) in ONE transaction, so after any crash the ledger and
-  the outbox agree. Terminal statuses (``rejected``, ``completed``, ``failed``) are final.
+  report (key ``<command_id>:<status>``; a repeated non-terminal status with a different
+  message or details, e.g. upload progress, gets its own key) in ONE transaction, so after
+  any crash the ledger and the outbox agree. Terminal statuses (``rejected``, ``completed``,
+  ``failed``) are final.
 * **Retention.** Entries are kept at least ``retention_s`` (never less than 48 h, spec 8.4)
   after their last activity; :meth:`CommandLedger.purge` never removes a command that has not
   reached a terminal status, whatever its age. Purging uses the wall clock: run it only once
@@ -22,6 +24,7 @@ Contract
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import time
@@ -242,6 +245,12 @@ class CommandLedger:
                 raise StatusTransitionError(
                     f"command {command_id} is already {entry.status}; cannot become {status}"
                 )
+            key = f"{command_id}:{status}"
+            if entry.status == status:
+                # a repeated non-terminal status (e.g. ``accepted`` with new ``details.progress``)
+                # is a report of its own; only an identical repeat is de-duplicated
+                digest = hashlib.sha256(f"{message}\x00{details_enc}".encode()).hexdigest()[:16]
+                key = f"{key}:{digest}"
             conn.execute(
                 "UPDATE command_ledger SET status = ?, message = ?, details = ?, status_at = ?, "
                 "completed = ?, last_activity_at = max(last_activity_at, ?) WHERE command_id = ?",
@@ -255,7 +264,7 @@ class CommandLedger:
                     conn,
                     "command_status",
                     encode_payload(payload),
-                    f"{command_id}:{status}",
+                    key,
                     time.time(),
                     delta,
                 )

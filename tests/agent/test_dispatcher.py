@@ -38,6 +38,11 @@ SCHEDULE = {
 }
 
 
+
+async def decision_audit(ledger: Any) -> list[Any]:
+    """The dispatcher's decisions (the agent's later completed/failed rows filtered out)."""
+    return [a for a in await ledger.audit_entries() if a.source != "agent"]
+
 class RecordingReporter(Reporter):
     """The real reporter (ledger + outbox) that also remembers what the dispatcher reported."""
 
@@ -121,7 +126,7 @@ class Charger:
         assert message
         entry = await self.store.ledger.seen(raw["command_id"])
         assert entry is not None and entry.status == "rejected" and entry.message == message and entry.completed
-        audit = [a for a in await self.store.ledger.audit_entries() if a.command_id == raw["command_id"]]
+        audit = [a for a in await decision_audit(self.store.ledger) if a.command_id == raw["command_id"]]
         assert [a.outcome for a in audit] == ["rejected"], audit
         assert audit[0].source == channel
         return message
@@ -164,7 +169,7 @@ async def test_unknown_command_is_rejected_naming_it(charger: Charger) -> None:
     msg = await charger.rejected_with({"command_id": "c1", "command": "self_destruct", "params": {}})
     assert msg.startswith("command: unknown command 'self_destruct'")
     assert "start_charging" in msg  # lists what is supported
-    audit = await charger.store.ledger.audit_entries()
+    audit = await decision_audit(charger.store.ledger)
     assert audit[-1].message == "unknown command" and audit[-1].command == "self_destruct"
 
 
@@ -489,7 +494,7 @@ async def test_duplicate_command_id_is_executed_once_and_its_last_status_resent(
     assert [s for s, _ in charger.reported("c1")] == ["accepted", "completed"]
     # ...but the last status is queued again for each repeated delivery
     assert await charger.queued_statuses("c1") == ["accepted", "completed", "completed", "completed"]
-    audit = [a for a in await charger.store.ledger.audit_entries() if a.command_id == "c1"]
+    audit = [a for a in await decision_audit(charger.store.ledger) if a.command_id == "c1"]
     assert [(a.source, a.outcome) for a in audit] == [
         ("heartbeat", "accepted"), ("long_poll:1", "duplicate"), ("heartbeat", "duplicate"),
     ]
@@ -527,7 +532,7 @@ async def test_duplicate_before_any_status_resends_nothing(charger: Charger) -> 
     await charger.deliver({"command_id": "c1", "command": "start_charging", "params": {}}, "long_poll:1", 1)
     assert charger.reported("c1") == [] and await charger.queued_statuses("c1") == []
     assert not charger.connectors[1].in_session()
-    audit = await charger.store.ledger.audit_entries()
+    audit = await decision_audit(charger.store.ledger)
     assert [a.outcome for a in audit] == ["duplicate"]
 
 
@@ -541,7 +546,7 @@ async def test_concurrent_deliveries_on_both_channels_execute_once(charger: Char
     )
     await charger.reporter.drain()
     await until(lambda: charger.connectors[2].state is ConnectorState.CHARGING)
-    outcomes = sorted(a.outcome for a in await charger.store.ledger.audit_entries())
+    outcomes = sorted(a.outcome for a in await decision_audit(charger.store.ledger))
     assert outcomes.count("duplicate") == 2 and len(outcomes) == 3
     assert [s for s, _ in charger.reported("c1")] == ["accepted"]
 
@@ -567,7 +572,7 @@ async def test_delivery_without_command_id_is_audited_and_dropped(charger: Charg
     assert charger.reporter.reported == []
     assert await charger.store.outbox.next_batch(100, ["command_status"]) == []
     assert await charger.store.ledger.non_terminal() == []
-    audit = await charger.store.ledger.audit_entries()
+    audit = await decision_audit(charger.store.ledger)
     assert len(audit) == 1
     assert audit[0].outcome == "dropped" and audit[0].command_id is None and audit[0].source == "long_poll:1"
     assert "command_id" in (audit[0].message or "")
@@ -597,7 +602,7 @@ async def test_every_decision_lands_in_the_audit_log(charger: Charger) -> None:
         await charger.deliver(raw, channel, cid)
     await until(lambda: charger.connectors[2].state is ConnectorState.CHARGING)
     await charger.deliver({"command_id": "a10", "command": "stop_charging", "params": {"reason": "user_request"}}, "long_poll:2", 2)
-    audit = await charger.store.ledger.audit_entries()
+    audit = await decision_audit(charger.store.ledger)
     assert [(a.command_id, a.source, a.outcome) for a in audit] == [
         ("a1", "long_poll:2", "accepted"),
         ("a1", "heartbeat", "duplicate"),
@@ -631,7 +636,7 @@ async def test_audit_log_is_append_only(charger: Charger) -> None:
     await charger.deliver({"command_id": "c1", "command": "nope", "params": {}})
     with pytest.raises(Exception, match="append-only"):
         await charger.store.db.run(lambda conn: conn.execute("DELETE FROM command_audit"))
-    assert len(await charger.store.ledger.audit_entries()) == 1
+    assert len(await decision_audit(charger.store.ledger)) == 1
 
 
 # ---------------------------------------------------------------------------- handler failures
@@ -651,7 +656,7 @@ async def test_a_handler_crash_is_reported_failed_and_audited(store: Store) -> N
         statuses = [s for s, _ in charger.reported("c1")]
         assert statuses == ["accepted", "failed"]
         assert "disk on fire" in (charger.reported("c1")[1][1] or "")
-        audit = await store.ledger.audit_entries()
+        audit = await decision_audit(store.ledger)
         assert [(a.command_id, a.outcome) for a in audit] == [("c1", "failed")]
         entry = await store.ledger.seen("c1")
         assert entry is not None and entry.status == "failed"
@@ -660,3 +665,12 @@ async def test_a_handler_crash_is_reported_failed_and_audited(store: Store) -> N
         assert [s for s, _ in charger.reported("c2")] == ["rejected"]
     finally:
         await charger.stop()
+
+
+async def test_the_final_outcome_is_audited_after_the_decision(charger: Charger) -> None:
+    cmd = {"command_id": "c-final", "command": "set_schedule", "params": {**SCHEDULE, "connector_id": 1}}
+    await charger.deliver(cmd, "heartbeat")
+    await charger.reporter.drain()
+    rows = [a for a in await charger.store.ledger.audit_entries() if a.command_id == "c-final"]
+    assert [(a.source, a.outcome) for a in rows] == [("heartbeat", "accepted"), ("agent", "completed")]
+    assert rows[1].command == "set_schedule"
