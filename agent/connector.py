@@ -168,6 +168,7 @@ class Connector:
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
         self.last_error: str | None = None
+        self.ticks = 0  # control-loop iterations: the systemd watchdog's progress signal
 
     # ------------------------------------------------------------------ requests
 
@@ -262,6 +263,7 @@ class Connector:
                     self.last_error = repr(exc)
                     await self._end_session("fault", f"internal error: {exc!r}", None, {})
                 await self._sleep_tick()
+                self.ticks += 1
         finally:
             await asyncio.shield(self._shutdown_output())
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import time
 from datetime import datetime
 from pathlib import Path
@@ -46,6 +47,7 @@ from agent.reporter import Reporter
 from agent.diagnostics.logbundle import FetchLogsParams, LogSources, collect_and_upload
 from agent.diagnostics.selftest import run_self_test
 from agent.scheduler import Scheduler
+from agent.sdnotify import IDLE, Notifier, Watchdog, default_notifier, hal_probe, status_line
 from agent.service_mode import ServiceMode, audit_hook
 from agent.status import StatusWriter, build_status, fault_entry, status_path
 from agent.session import iso, utc_now
@@ -96,6 +98,9 @@ class Agent:
         self._hw_tasks: list[asyncio.Task[Any]] = []
         self._tasks: list[asyncio.Task[Any]] = []
         self._hw_lock = asyncio.Lock()
+        self.notifier: Notifier = default_notifier()
+        self.watchdog: Watchdog = Watchdog.from_env(self.notifier)
+        self._status_text = ""
 
     # ------------------------------------------------------------------ heartbeat status
 
@@ -174,8 +179,13 @@ class Agent:
             if cfg.platform.enabled:
                 await self._start_uplink()
             log.info("agent_started", version=__version__, connectors=ids, platform=cfg.platform.url if cfg.platform.enabled else None)
+            self._watch_critical_tasks()
+            self._update_status(ready=True)  # READY=1: config, state and HAL are up
+            self.watchdog.start()
 
             await stop.wait()
+            await self.watchdog.stop()
+            self.notifier.stopping("stopping: closing sessions, sending queued reports")
             await self._shutdown()
         log.info("agent_stopped", reboot=self.reboot_requested)
         if self.reboot_requested and cfg.diagnostics.reboot_action == "system":
@@ -464,6 +474,9 @@ class Agent:
         ticks = 0
         while True:
             await self.limits.tick()
+            self.watchdog.beat("housekeeping")
+            if ticks % 5 == 0:
+                self._update_status()
             if self.health is not None:
                 await self.health.sync(self.connectors.values())
             if ticks % 5 == 0:
@@ -474,6 +487,61 @@ class Agent:
                 await self.store.outbox.maintain()
             ticks += 1
             await asyncio.sleep(1.0)
+
+    # ------------------------------------------------------------------ systemd supervision
+
+    def _watch_critical_tasks(self) -> None:
+        """Register what must keep making progress for the watchdog to be fed."""
+        wd = self.watchdog
+        wd.register("housekeeping", 15.0, task=self._tasks[0] if self._tasks else None)
+        if self.reporter is not None:
+            canary = asyncio.create_task(self._outbox_canary(), name="outbox-canary")
+            self._tasks.append(canary)
+            wd.register("outbox", 60.0, task=canary)
+        if self.uplink is not None:
+            up = self.uplink
+            wd.register(
+                "uplink",
+                3 * self.cfg.platform.heartbeat_interval_s + 30.0,
+                probe=lambda: up.stats.heartbeats_attempted if up.online else IDLE,
+            )
+        self._watch_hardware()
+
+    def _watch_hardware(self) -> None:
+        wd = self.watchdog
+        for task in self._connector_tasks:  # named connector-<id>
+            connector = self.connectors[int(task.get_name().split("-", 1)[1])]
+            wd.register(task.get_name(), 90.0, task=task, probe=functools.partial(getattr, connector, "ticks", IDLE))
+        devices = list(self.devices.all()) if self.devices is not None else []
+        if self.ctx is not None:
+            devices += [self.ctx.can_port(bus) for bus in self.cfg.can]
+        for device in devices:
+            probe = hal_probe(device)
+            if probe is not None:
+                wd.register(f"hal-{getattr(device, 'name', None) or type(device).__name__}", 60.0, probe=probe)
+        log.info("watchdog_watching", watchdog_s=wd.interval_s, tasks=wd.names())
+
+    async def _outbox_canary(self) -> None:
+        """Proves the reporter -> store path still commits (the outbox is critical)."""
+        assert self.reporter is not None
+        while True:
+            await self.reporter.drain()
+            self.watchdog.beat("outbox")
+            await asyncio.sleep(5.0)
+
+    def _update_status(self, *, ready: bool = False) -> None:
+        """``STATUS=`` for ``systemctl status`` (and ``READY=1`` the first time)."""
+        try:
+            text = status_line(self.status_snapshot())
+        except Exception as exc:
+            text = f"status unavailable: {type(exc).__name__}"
+        if self.watchdog.stalled:
+            text = f"watchdog: {', '.join(self.watchdog.stalled)} stalled | {text}"
+        if ready:
+            self.notifier.ready(text)
+        elif text != self._status_text:
+            self.notifier.status(text)
+        self._status_text = text
 
     # ------------------------------------------------------------------ shutdown
 
@@ -550,6 +618,8 @@ class Agent:
         assert self.faults is not None
         async with self._hw_lock:
             started = asyncio.get_running_loop().time()
+            self.watchdog.unregister_prefix("connector-")
+            self.watchdog.unregister_prefix("hal-")
             await self._stop_hardware("remote_stop")
             for fault in self.faults.active():
                 # A weld is not cleared blindly: the rebuilt connector clears F-0101 itself
@@ -558,6 +628,7 @@ class Agent:
                 if fault.connector_id is not None and fault.fault_id != "F-0101":
                     self.faults.clear(fault.fault_id, fault.connector_id)
             await self._start_hardware()
+            self._watch_hardware()
             assert self.devices is not None
             return {
                 "connectors": sorted(self.connectors),

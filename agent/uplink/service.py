@@ -100,6 +100,8 @@ class UplinkStats:
     dead_lettered: int = 0
     last_error: str | None = None
     rate_limited: int = 0
+    #: heartbeats tried (whatever the answer): the systemd watchdog's progress signal
+    heartbeats_attempted: int = 0
 
 
 class Uplink:
@@ -337,6 +339,7 @@ class Uplink:
         self._mark_offline(f"credential recovery: {result.describe()}")
 
     async def _send_heartbeat(self, status: str | None = None) -> ApiResult:
+        self.stats.heartbeats_attempted += 1
         current_status, fault_code = self.heartbeat_status()
         body: dict[str, Any] = {
             "timestamp": utc_iso(),
