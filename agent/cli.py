@@ -93,10 +93,17 @@ def cmd_emulator(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from agent.runtime import run_agent
+    from agent.firmware.boot import EXIT_UPGRADE_RESTART, check_boot
 
     loaded = _load(args)
     _setup_logging(loaded, args)
+    # boot gate of a pending A/B upgrade, before the heavy imports (see agent.firmware.boot)
+    decision = check_boot(loaded.model.firmware.install_root, loaded.model.charger.state_dir)
+    if decision.action == "rolled_back":
+        print(f"charger-agent: {decision.reason}; exiting so that the previous release starts", file=sys.stderr, flush=True)
+        return EXIT_UPGRADE_RESTART
+    from agent.runtime import run_agent
+
     return int(_run_until_signal(lambda stop: run_agent(loaded, stop)))
 
 

@@ -34,6 +34,7 @@ from hal import registry
 from agent.archive import ArchiveConfig
 from agent.calibration import CalibrationConfig
 from agent.diagnostics.selftest import SelfTestConfig
+from agent.firmware.config import FirmwareConfig
 from agent.health import HealthConfig
 from agent.service_mode import ServiceConfig
 from agent.store.db import StoreConfig
@@ -248,6 +249,7 @@ class AgentConfig(StrictModel):
     service: ServiceConfig = ServiceConfig()
     archive: ArchiveConfig = ArchiveConfig()
     self_test: SelfTestConfig = SelfTestConfig()
+    firmware: FirmwareConfig = FirmwareConfig()
     calibration: CalibrationConfig = CalibrationConfig()
     logging: LoggingSection = LoggingSection()
     sim: SimSection | None = None

@@ -46,6 +46,9 @@ from agent.limits import PowerLimits
 from agent.reporter import Reporter
 from agent.diagnostics.logbundle import FetchLogsParams, LogSources, collect_and_upload
 from agent.diagnostics.selftest import run_self_test
+from agent.firmware.boot import EXIT_UPGRADE_RESTART
+from agent.firmware.command import firmware_command_spec
+from agent.firmware.manager import FirmwareManager
 from agent.scheduler import Scheduler
 from agent.sdnotify import IDLE, Notifier, Watchdog, default_notifier, hal_probe, status_line
 from agent.service_mode import ServiceMode, audit_hook
@@ -98,6 +101,8 @@ class Agent:
         self._hw_tasks: list[asyncio.Task[Any]] = []
         self._tasks: list[asyncio.Task[Any]] = []
         self._hw_lock = asyncio.Lock()
+        self.firmware: FirmwareManager | None = None
+        self.upgrade_restart: str | None = None  # "agent" | "system" once an upgrade asked for it
         self.notifier: Notifier = default_notifier()
         self.watchdog: Watchdog = Watchdog.from_env(self.notifier)
         self._status_text = ""
@@ -155,6 +160,18 @@ class Agent:
             await self._start_hardware()
             await self._close_power_loss_sessions()
             await self._report_pending_reboot()
+            self.firmware = FirmwareManager(
+                cfg.firmware,
+                state_dir=state_dir,
+                kv=self.store.kv,
+                outbox=self.store.outbox,
+                command_status=self.reporter.command_status,
+                running_version=__version__,
+                any_session=self.any_session,
+                request_restart=self.request_upgrade_restart,
+                hold_charging=self.hold_charging_for_upgrade,
+            )
+            await self.firmware.load()  # its pending command is not "interrupted"
             await self._close_interrupted_commands()
 
             self.limits = PowerLimits(
@@ -170,6 +187,7 @@ class Agent:
             specs = {
                 **operational_specs(self.limits, self.scheduler, v2g_capable=cfg.charger.v2g_capable),
                 **diagnostic_specs(self),
+                "firmware_upgrade": firmware_command_spec(self.firmware),
             }
             self.dispatcher = Dispatcher(self.store.ledger, self.reporter, self.connectors, specs)
             self._tasks = [asyncio.create_task(self._housekeeping(), name="housekeeping")]
@@ -178,6 +196,9 @@ class Agent:
             stack.push_async_callback(status_writer.stop)
             if cfg.platform.enabled:
                 await self._start_uplink()
+            self._tasks.append(
+                asyncio.create_task(self.firmware.after_start(self._healthy_for_upgrade), name="firmware-health-gate")
+            )
             log.info("agent_started", version=__version__, connectors=ids, platform=cfg.platform.url if cfg.platform.enabled else None)
             self._watch_critical_tasks()
             self._update_status(ready=True)  # READY=1: config, state and HAL are up
@@ -187,7 +208,12 @@ class Agent:
             await self.watchdog.stop()
             self.notifier.stopping("stopping: closing sessions, sending queued reports")
             await self._shutdown()
-        log.info("agent_stopped", reboot=self.reboot_requested)
+        log.info("agent_stopped", reboot=self.reboot_requested, upgrade_restart=self.upgrade_restart)
+        if self.upgrade_restart == "agent":
+            return EXIT_UPGRADE_RESTART  # systemd (Restart=always) starts the new current release
+        if self.upgrade_restart == "system":
+            await self._reboot_system(cfg.firmware.reboot_command)
+            return 0
         if self.reboot_requested and cfg.diagnostics.reboot_action == "system":
             await self._reboot_system()
         return 0
@@ -411,6 +437,8 @@ class Agent:
         alive = {cp.get("command_id") for c in self.connectors.values() for cp in [c.resume_checkpoint()] if cp}
         limits = await self.store.kv.get("power_limits", [])
         alive |= {e.get("command_id") for e in limits if isinstance(e, dict)}
+        if self.firmware is not None:
+            alive |= self.firmware.alive_command_ids()
         for entry in await self.store.ledger.non_terminal():
             if entry.command_id in alive:
                 continue
@@ -552,14 +580,14 @@ class Agent:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        suspend = self.cfg.charging.on_shutdown == "suspend" and not self.reboot_requested
+        suspend = self.cfg.charging.on_shutdown == "suspend" and not self.reboot_requested and self.upgrade_restart is None
         await self._stop_hardware(SHUTDOWN_STOP_REASON, suspend=suspend)
         if self.reporter is not None:
             await self.reporter.drain()
         if self.uplink is not None:
             assert self.store is not None
             deadline = asyncio.get_running_loop().time() + 5.0
-            urgent = ("command_status", "charging_record", "event")
+            urgent = ("command_status", "charging_record", "event", "firmware_status")
             while self.uplink.online and self.store.outbox.total_depth(urgent) and asyncio.get_running_loop().time() < deadline:
                 await asyncio.sleep(0.1)
             await self.uplink.stop(final_heartbeat=True)
@@ -604,14 +632,39 @@ class Agent:
         await self.reporter.drain()
         await self.store.kv.delete(PENDING_REBOOT_KEY)
 
-    async def _reboot_system(self) -> None:
-        command = self.cfg.diagnostics.reboot_command
+    async def _reboot_system(self, command: list[str] | None = None) -> None:
+        command = command or self.cfg.diagnostics.reboot_command
         log.warning("system_reboot", command=command)
         try:
             proc = await asyncio.create_subprocess_exec(*command)
             await asyncio.wait_for(proc.wait(), 60)
         except (OSError, asyncio.TimeoutError) as exc:
             log.error("system_reboot_failed", error=str(exc))
+
+    def _healthy_for_upgrade(self) -> bool:
+        """The firmware health gate: the new version runs and has reached the platform."""
+        if not self.cfg.platform.enabled:
+            return True
+        return self.uplink is not None and self.uplink.stats.last_heartbeat_ok is not None
+
+    async def request_upgrade_restart(self, kind: str) -> None:
+        assert self._stop_event is not None
+        log.warning("upgrade_restart_requested", kind=kind)
+        self.upgrade_restart = kind
+        self._stop_event.set()
+
+    async def hold_charging_for_upgrade(self, reason: str | None) -> bool:
+        """Take every connector out of service for an install (``None``: back); False if one is busy."""
+        taken: list[Connector] = []
+        for connector in self.connectors.values():
+            try:
+                await connector.set_unavailable(reason)
+            except Rejected:
+                for t in taken:
+                    await t.set_unavailable(None)
+                return False
+            taken.append(connector)
+        return True
 
     async def soft_reset(self) -> dict[str, Any]:
         """Close sessions cleanly, stop and rebuild drivers and state machines in this process."""

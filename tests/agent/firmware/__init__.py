@@ -1,0 +1,1 @@
+"""Tests of agent.firmware (firmware_upgrade)."""
