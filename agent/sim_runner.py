@@ -47,6 +47,8 @@ from hal.sim.world import SimWorld
 
 log = structlog.get_logger(__name__)
 
+PART_STOP_TIMEOUT_S = 10.0
+
 
 class SimConfigError(ValueError):
     """The config cannot be simulated (a device whose endpoint the simulator cannot play)."""
@@ -140,7 +142,9 @@ class SimulatedCharger:
             self._control = None
         for part in reversed(self._parts):
             try:
-                await part.stop()
+                await asyncio.wait_for(part.stop(), PART_STOP_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                log.error("simulator_stop_timeout", part=type(part).__name__, timeout_s=PART_STOP_TIMEOUT_S)
             except Exception:
                 log.exception("simulator_stop_error", part=type(part).__name__)
         self._parts.clear()

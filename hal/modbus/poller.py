@@ -50,6 +50,11 @@ if TYPE_CHECKING:
     from hal.context import BuildContext
 
 
+#: stop(): how often the poll task is cancelled, and how long each wait lasts
+STOP_CANCEL_ATTEMPTS = 3
+STOP_WAIT_S = 2.0
+
+
 class DeviceDataError(Exception):
     """The device answered, but with values that cannot be right (garbage)."""
 
@@ -150,6 +155,7 @@ class PolledDevice(ABC, Generic[R]):
         self._poll_interval_s = poll_interval_s
         self._stale_after_s = stale_after_s
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._first_attempt: asyncio.Event | None = None
         self._value: R | None = None
         self._last_error: str | None = None
@@ -183,6 +189,7 @@ class PolledDevice(ABC, Generic[R]):
             return
         self._link.acquire()
         self._first_attempt = asyncio.Event()
+        self._stopping = False
         self._task = asyncio.create_task(self._run(), name=f"modbus-poll:{self.name}")
         self._log.info("modbus.device_started", poll_interval_s=self._poll_interval_s)
         with contextlib.suppress(TimeoutError):
@@ -195,9 +202,19 @@ class PolledDevice(ABC, Generic[R]):
         task, self._task = self._task, None
         if task is None:
             return
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        self._stopping = True
+        # A cancellation swallowed inside the Modbus client must not hang the stop:
+        # cancel again a few times, then leave the task behind (it exits at its next
+        # loop check because ``_stopping`` is set).
+        for _ in range(STOP_CANCEL_ATTEMPTS):
+            task.cancel()
+            done, _pending = await asyncio.wait({task}, timeout=STOP_WAIT_S)
+            if done:
+                break
+        else:
+            self._log.error("modbus.poll_task_did_not_stop", waited_s=STOP_CANCEL_ATTEMPTS * STOP_WAIT_S)
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            self._log.error("modbus.poll_task_failed", error=repr(task.exception()))
         await self._link.release()
         self._value = None
         self._device_health = None
@@ -266,7 +283,7 @@ class PolledDevice(ABC, Generic[R]):
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         next_at = loop.time()
-        while True:
+        while not self._stopping:
             await self._poll_guarded()
             if self._first_attempt is not None:
                 self._first_attempt.set()

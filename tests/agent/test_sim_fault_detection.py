@@ -141,6 +141,14 @@ class Rig:
     cfg: AgentConfig
 
 
+async def _stop_within(device: Any, timeout_s: float) -> None:
+    """A device whose stop() hangs fails the test instead of stalling the run."""
+    try:
+        await asyncio.wait_for(device.stop(), timeout_s)
+    except asyncio.TimeoutError:
+        raise AssertionError(f"{device.name}.stop() did not return within {timeout_s:g} s") from None
+
+
 @pytest.fixture
 async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     """The simulated charger plus every real driver, started; stopped afterwards."""
@@ -155,7 +163,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
         devices = build_devices(cfg, ctx)
         for device in devices.all():
             await device.start()
-            stack.push_async_callback(device.stop)
+            stack.push_async_callback(_stop_within, device, 15.0)
         rig = Rig(sim, devices, cfg)
         await eventually(
             lambda: all(d.health().ok for d in devices.all()),
