@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -35,6 +34,7 @@ from agent.session import SessionRequest
 from agent.store import Store
 from hal.interfaces import OK, FanStatus, Health, ModuleRatings, ModuleStatus, TemperatureReading
 from tests.agent.fakes import FakeContactor, FakeImd, FakeMeter, FakeModules, FakeVehicle
+from tests.agent.helpers import decision_audit, until
 
 NINE = (
     "reboot", "soft_reset", "force_reconnect", "fetch_logs", "run_self_test", "calibrate_sensor",
@@ -59,11 +59,6 @@ VALID: dict[str, dict[str, Any]] = {
 
 # ---------------------------------------------------------------------------- fakes
 
-
-
-async def decision_audit(ledger: Any) -> list[Any]:
-    """The dispatcher's decisions (the agent's later completed/failed rows filtered out)."""
-    return [a for a in await ledger.audit_entries() if a.source != "agent"]
 
 @dataclass
 class RatedModules(FakeModules):
@@ -268,20 +263,6 @@ class Charger:
         await until(lambda: self.connectors[cid].state is ConnectorState.VEHICLE_CONNECTED)
         self.connectors[cid].request_start(SessionRequest(transaction_id=f"tx-{cid}"))
         await until(lambda: self.connectors[cid].state is ConnectorState.CHARGING)
-
-
-async def until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not cond():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
-        await asyncio.sleep(0.01)
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = await Store.open(tmp_path / "state")
-    yield s
-    await s.close()
 
 
 @pytest.fixture

@@ -10,9 +10,8 @@ in-memory HAL fakes.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,6 +27,7 @@ from agent.reporter import Reporter
 from agent.scheduler import Scheduler
 from agent.store import Store
 from tests.agent.fakes import FakeContactor, FakeImd, FakeMeter, FakeModules, FakeVehicle
+from tests.agent.helpers import decision_audit, until
 
 NOW = datetime(2025, 3, 15, 10, 30, tzinfo=UTC)
 SCHEDULE = {
@@ -37,11 +37,6 @@ SCHEDULE = {
     "time_slots": [{"start": "01:00", "end": "05:00", "action": "charge", "power_limit": 11}],
 }
 
-
-
-async def decision_audit(ledger: Any) -> list[Any]:
-    """The dispatcher's decisions (the agent's later completed/failed rows filtered out)."""
-    return [a for a in await ledger.audit_entries() if a.source != "agent"]
 
 class RecordingReporter(Reporter):
     """The real reporter (ledger + outbox) that also remembers what the dispatcher reported."""
@@ -138,20 +133,6 @@ class Charger:
     async def queued_statuses(self, command_id: str) -> list[str]:
         items = await self.store.outbox.next_batch(1000, ["command_status"])
         return [i.payload["status"] for i in items if i.payload["command_id"] == command_id]
-
-
-async def until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not cond():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
-        await asyncio.sleep(0.01)
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = await Store.open(tmp_path / "state")
-    yield s
-    await s.close()
 
 
 @pytest.fixture
