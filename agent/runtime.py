@@ -32,33 +32,33 @@ import structlog
 
 from agent import __version__
 from agent.commands.dispatcher import Dispatcher
-from agent.archive import SessionArchive, SessionRecorder
-from agent.calibration import CalibratedThermal, Calibration, CalibrationError
+from agent.maintenance.archive import SessionArchive, SessionRecorder
+from agent.maintenance.calibration import CalibratedThermal, Calibration, CalibrationError
 from agent.commands.diagnostics import cancel_background, diagnostic_specs
 from agent.commands.operational import operational_specs
-from agent.counters import FanRuntime, UnknownFanError
-from agent.health import ComponentHealth
+from agent.maintenance.counters import FanRuntime, UnknownFanError
+from agent.maintenance.health import ComponentHealth
 from agent.config import AgentConfig, LoadedConfig
-from agent.connector import Connector, ConnectorHardware, ConnectorState, Rejected
-from agent.devices import build_devices, make_context
-from agent.faults import FaultBoard, Severity, most_severe, numeric_code
-from agent.limits import PowerLimits
-from agent.reporter import Reporter
-from agent.diagnostics.logbundle import FetchLogsParams, LogSources, collect_and_upload
-from agent.diagnostics.selftest import run_self_test
+from agent.charging.connector import Connector, ConnectorHardware, ConnectorState, Rejected
+from agent.service.devices import build_devices, make_context
+from agent.charging.faults import FaultBoard, Severity, most_severe, numeric_code
+from agent.charging.limits import PowerLimits
+from agent.channels.tellus.reporter import Reporter
+from agent.maintenance.logbundle import FetchLogsParams, LogSources, collect_and_upload
+from agent.maintenance.selftest import run_self_test
 from agent.firmware.boot import EXIT_UPGRADE_RESTART
 from agent.firmware.command import firmware_command_spec
 from agent.firmware.manager import FirmwareManager
-from agent.scheduler import Scheduler
-from agent.sdnotify import IDLE, Notifier, Watchdog, default_notifier, hal_probe, status_line
-from agent.service_mode import ServiceMode, audit_hook
-from agent.status import StatusWriter, build_status, fault_entry, status_path
-from agent.session import iso, utc_now
+from agent.charging.scheduler import Scheduler
+from agent.service.sdnotify import IDLE, Notifier, Watchdog, default_notifier, hal_probe, status_line
+from agent.maintenance.service_mode import ServiceMode, audit_hook
+from agent.service.status import StatusWriter, build_status, fault_entry, status_path
+from agent.charging.session import iso, utc_now
 from agent.store import Credentials, Store, StoreError
-from agent.telemetry import TelemetrySampler
-from agent.uplink.auth import Identity, TokenManager
-from agent.uplink.client import PlatformHttp
-from agent.uplink.service import Uplink
+from agent.channels.tellus.telemetry import TelemetrySampler
+from agent.channels.tellus.auth import Identity, TokenManager
+from agent.channels.tellus.client import PlatformHttp
+from agent.channels.tellus.uplink import Uplink
 from hal.context import BuildContext
 from hal.interfaces import DeviceSet, HealthState, Thermal
 
@@ -131,7 +131,7 @@ class Agent:
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(self.store.close)
             if cfg.sim is not None and cfg.sim.in_process:
-                from agent.sim_runner import SimulatedCharger
+                from agent.cli.sim import SimulatedCharger
 
                 assert self.loaded.sim_root is not None
                 self.simulator = await stack.enter_async_context(SimulatedCharger(cfg, self.loaded.sim_root))
@@ -219,7 +219,7 @@ class Agent:
         return 0
 
     def status_snapshot(self) -> dict[str, Any]:
-        """Everything ``charger-agent status`` shows (see :func:`agent.status.build_status`)."""
+        """Everything ``charger-agent status`` shows (see :func:`agent.service.status.build_status`)."""
         connectors = []
         for c in self.connectors.values():
             reading = c.hw.meter.reading()
@@ -429,7 +429,7 @@ class Agent:
         """Commands accepted before the last stop that nothing will finish now end ``failed``.
 
         Spared: the start command of a session being resumed, and power limits still
-        running (:class:`agent.limits.PowerLimits` reports those when they elapse).
+        running (:class:`agent.charging.limits.PowerLimits` reports those when they elapse).
         Closed sessions already reported their command through the reporter.
         """
         assert self.store is not None and self.reporter is not None

@@ -1,6 +1,6 @@
 """Shared by the end-to-end benchmarks: the agent as a subprocess against an in-process emulator.
 
-Same approach as ``agent/demo.py``: the platform emulator runs on 127.0.0.1 in the benchmark's
+Same approach as ``agent/cli/demo.py``: the platform emulator runs on 127.0.0.1 in the benchmark's
 own event loop, the agent is started as ``python -m agent run`` on a config with the in-process
 simulated charger, its logs go to a file in a fresh temporary directory.
 """
@@ -33,7 +33,7 @@ class BenchFailed(Exception):
 
 def quiet_logs() -> None:
     """The emulator logs through structlog in this process: keep it to warnings."""
-    from agent import logs
+    from agent.service import logs
 
     logs.configure(level="warning", fmt="console")
 

@@ -19,7 +19,7 @@ Latency = emulator's ``received_at`` of the ``accepted`` report - emulator's ``q
 
 The platform allows 60 requests/min per device for events + charging records + command
 status together; the agent shapes that class itself with a token bucket (50/min, burst 1
-when this was written; the run reads and prints the defaults of ``agent.uplink.service.Uplink``)
+when this was written; the run reads and prints the defaults of ``agent.channels.tellus.uplink.Uplink``)
 -- in the agent, not configurable, whatever the platform does. So:
 
 (a) rate limits as published (emulator enforces them):
@@ -172,7 +172,7 @@ class Probe:
 
 def agent_shaping() -> dict[str, Any]:
     """The agent's reporting-class bucket, read from the ``Uplink`` constructor defaults."""
-    from agent.uplink.service import Uplink
+    from agent.channels.tellus.uplink import Uplink
 
     nothing: Any = None  # the constructor only stores its collaborators and builds the buckets
     uplink = Uplink(
@@ -269,7 +269,7 @@ def print_table(meta: dict[str, Any], phases: list[dict[str, Any]]) -> None:
     print(f"  {describe_source(meta['agent_source'])}")
     sh = meta["agent_shaping"]
     print(
-        f"  the agent's reporting bucket: {sh['per_minute']:g}/min, burst {sh['burst']:g} (read from agent.uplink.service.Uplink)"
+        f"  the agent's reporting bucket: {sh['per_minute']:g}/min, burst {sh['burst']:g} (read from agent.channels.tellus.uplink.Uplink)"
     )
     print(
         f"  acc/min = accepted reports per minute after the first {meta['skip']} (the bucket's burst); 429s = rate-limit rejections in the step"

@@ -23,8 +23,8 @@ from pydantic import Field
 
 from agent.commands.dispatcher import CommandContext, CommandSpec
 from agent.commands.params import NoParams, Params
-from agent.connector import Connector, Rejected
-from agent.diagnostics.logbundle import BundleError, FetchLogsParams, UploadError
+from agent.charging.connector import Connector, Rejected
+from agent.maintenance.logbundle import BundleError, FetchLogsParams, UploadError
 
 log = structlog.get_logger(__name__)
 

@@ -14,7 +14,7 @@ For every delivered command, in this order:
    long-poll it came on, else the only connector; otherwise ``rejected``.
 6. Risk class (§14.2): a medium-risk command is refused while a session runs.
 7. The handler runs; it reports ``accepted`` (and later ``completed``/``failed``) or
-   raises :class:`agent.connector.Rejected`; any other exception ends the command
+   raises :class:`agent.charging.connector.Rejected`; any other exception ends the command
    ``failed`` ("internal error: ...").
 
 Every decision is written to the append-only audit log.
@@ -30,7 +30,7 @@ from typing import Any, Awaitable, Callable, Literal, Protocol
 import structlog
 
 from agent.commands.params import Params, parse
-from agent.connector import Connector, Rejected
+from agent.charging.connector import Connector, Rejected
 
 log = structlog.get_logger(__name__)
 

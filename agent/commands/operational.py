@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING
 
 from agent.commands.dispatcher import CommandContext, CommandSpec
 from agent.commands.params import Discharge, PauseCharging, SetPowerLimit, SetSchedule, StartCharging, StopCharging
-from agent.connector import Rejected
-from agent.session import SessionRequest
+from agent.charging.connector import Rejected
+from agent.charging.session import SessionRequest
 
 if TYPE_CHECKING:
-    from agent.limits import PowerLimits
-    from agent.scheduler import Scheduler
+    from agent.charging.limits import PowerLimits
+    from agent.charging.scheduler import Scheduler
 
 
 def operational_specs(limits: "PowerLimits", scheduler: "Scheduler", *, v2g_capable: bool) -> dict[str, CommandSpec]:

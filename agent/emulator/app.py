@@ -11,7 +11,7 @@ from typing import Any, Self
 import structlog
 from aiohttp import web
 
-from agent.api.models import RATE_LIMITS, RateLimit, RateLimitClass
+from agent.channels.tellus.models import RATE_LIMITS, RateLimit, RateLimitClass
 from agent.emulator.context import CONTEXT, EmulatorContext
 from agent.emulator.device_routes import API_PREFIX, add_device_routes, device_api_middleware
 from agent.emulator.longpoll import CommandBroker

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import logging
 import signal
 import ssl
@@ -21,6 +20,7 @@ from collections.abc import Sequence
 import structlog
 
 from agent.emulator.app import Emulator
+from agent.netaddr import is_loopback_host
 
 __all__ = ["build_parser", "main"]
 
@@ -65,15 +65,6 @@ def _configure_logging(level: str) -> None:
     )
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 async def _serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
     ssl_context: ssl.SSLContext | None = None
     if args.tls_cert:
@@ -103,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("--tls-key needs --tls-cert", file=sys.stderr)
         return 2
     _configure_logging(args.log_level)
-    if not _is_loopback(args.host):
+    if not is_loopback_host(args.host):
         structlog.get_logger("agent.emulator").warning(
             "binding_non_loopback", host=args.host, note="the emulator is not secure"
         )

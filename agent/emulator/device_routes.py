@@ -21,7 +21,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from agent.api.models import (
+from agent.channels.tellus.models import (
     ENDPOINTS,
     AccessTokenResponse,
     ChargingRecordUpload,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from agent.api.models import ERROR_CODES, ErrorCode
+from agent.channels.tellus.models import ERROR_CODES, ErrorCode
 
 __all__ = ["ApiError", "OperatorError", "envelope"]
 

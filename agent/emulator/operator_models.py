@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from agent.api.models import DeviceEndpoint, UtcTimestamp
+from agent.channels.tellus.models import DeviceEndpoint, UtcTimestamp
 
 __all__ = [
     "ChargingRecordView",

@@ -6,7 +6,7 @@ import math
 from collections import deque
 from collections.abc import Callable, Mapping
 
-from agent.api.models import RATE_LIMITS, RateLimit, RateLimitClass
+from agent.channels.tellus.models import RATE_LIMITS, RateLimit, RateLimitClass
 
 __all__ = ["RateLimiter"]
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 
-from agent.api.models import (
+from agent.channels.tellus.models import (
     ChargingRecordUpload,
     DeviceCommandStatus,
     DeviceRegisterRequest,

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
-from agent.api.models import ApiModel, CommandPollQuery, ErrorCode
+from agent.channels.tellus.models import ApiModel, CommandPollQuery, ErrorCode
 from agent.emulator.errors import ApiError
 
 __all__ = ["parse_json_body", "parse_poll_query", "validate_body"]

@@ -10,7 +10,7 @@ in step until ``completed``/``failed``.
 from __future__ import annotations
 
 from agent.commands.dispatcher import CommandContext, CommandSpec
-from agent.connector import Rejected
+from agent.charging.connector import Rejected
 from agent.firmware.manager import FirmwareManager, FirmwareRejected
 from agent.firmware.params import FirmwareUpgradeParams
 

@@ -17,19 +17,9 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator
 
 from agent.commands.params import Params
+from agent.netaddr import is_loopback_host
 
 VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}$")
-
-
-def is_loopback_host(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_download_url(value: str) -> str:

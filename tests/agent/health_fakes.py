@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
-from agent.config import ChargingSection, ConnectorConfig, DeviceSection
-from agent.connector import Connector, ConnectorHardware
-from agent.faults import FaultBoard
+from agent.charging.config import ChargingSection, ConnectorConfig, DeviceSection
+from agent.charging.connector import Connector, ConnectorHardware
+from agent.charging.faults import FaultBoard
 from hal.interfaces import (
     OK,
     BidirectionalStatus,

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from agent.api.models import ErrorCode
+from agent.channels.tellus.models import ErrorCode
 from agent.emulator import RequestKind
 from tests.e2e.harness import Rig, assert_no_secrets_logged, run_scenario
 

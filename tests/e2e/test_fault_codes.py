@@ -37,8 +37,9 @@ from typing import Any
 
 import pytest
 
-from agent.config import AgentConfig, DeviceSection, SimVehicleConfig, load_config
-from agent.connector import Connector, ConnectorState
+from agent.charging.config import DeviceSection
+from agent.config import AgentConfig, SimVehicleConfig, load_config
+from agent.charging.connector import Connector, ConnectorState
 from agent.emulator import Emulator, RequestKind
 from agent.runtime import Agent
 from hal.sim.world import SimWorld

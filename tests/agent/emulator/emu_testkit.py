@@ -7,7 +7,7 @@ from typing import Any
 
 import aiohttp
 
-from agent.api.models import ERROR_CODES, DeviceEndpoint, ErrorCode
+from agent.channels.tellus.models import ERROR_CODES, DeviceEndpoint, ErrorCode
 
 HEARTBEAT = {"timestamp": "2025-03-15T10:30:00Z", "status": "online", "fault_code": 0}
 TELEMETRY = {

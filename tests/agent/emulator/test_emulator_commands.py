@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from agent.api.models import DeviceEndpoint, ErrorCode
+from agent.channels.tellus.models import DeviceEndpoint, ErrorCode
 from agent.emulator import (
     DeliveryChannel,
     Emulator,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
-from agent.api.models import DeviceEndpoint, ErrorCode
+from agent.channels.tellus.models import DeviceEndpoint, ErrorCode
 from agent.emulator import (
     Emulator,
     OperatorClient,

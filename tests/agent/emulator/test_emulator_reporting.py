@@ -7,7 +7,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from agent.api.models import DeviceEndpoint, ErrorCode
+from agent.channels.tellus.models import DeviceEndpoint, ErrorCode
 from agent.emulator import Emulator, OperatorClient, RequestKind
 from tests.agent.emulator.emu_testkit import (
     CDR,

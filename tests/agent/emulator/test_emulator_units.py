@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from agent.api.models import (
+from agent.channels.tellus.models import (
     CommandPollQuery,
     DeviceRegisterRequest,
     ErrorCode,

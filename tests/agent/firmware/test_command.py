@@ -7,7 +7,7 @@ from pathlib import Path
 
 from agent.commands.dispatcher import Dispatcher
 from agent.firmware.command import firmware_command_spec
-from agent.reporter import Reporter
+from agent.channels.tellus.reporter import Reporter
 from agent.store import Store
 
 from .helpers import FakeBuilder, FileServer, Rig, fake_bundle, layout, make_keys

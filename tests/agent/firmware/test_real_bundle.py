@@ -22,7 +22,7 @@ import pytest
 from agent.firmware import boot
 from agent.firmware.manager import PENDING_KEY
 
-from .helpers import ROOT, FileServer, Keys, Rig, layout, params
+from .helpers import ROOT, FileServer, Keys, Rig, layout
 
 pytestmark = pytest.mark.slow
 CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}

@@ -1,0 +1,659 @@
+"""Status snapshot: what ``charger-agent status`` shows, written by the agent, read by the CLI.
+
+The agent and the CLI are separate processes. The agent's :class:`StatusWriter`
+replaces ``{state_dir}/status.json`` atomically (temp file + rename, mode 0640, no
+fsync: the file is a live view, not a record) every ``interval_s``; the CLI reads it
+with :func:`read_status`. A snapshot older than :data:`STALE_AFTER_S` means the agent
+is not running (or hung).
+
+Contract of the snapshot (``build_status`` output, also the ``--json`` output):
+
+* Plain JSON: dict keys are strings (connector ids too), non-finite floats become
+  ``null``, tuples become lists. ``schema`` is :data:`SCHEMA_VERSION`.
+* Times are unix seconds (``taken_at``) or ISO 8601 UTC strings ending in ``Z``
+  (``started_at``, ``since``, ``last_isolation_test``, ``last_heartbeat_at``). Every age and
+  duration in the snapshot is computed at ``taken_at``.
+* :class:`StatusWriter` adds ``written_mono`` (``time.monotonic()``, system-wide on
+  Linux), ``boot_id`` and ``pid``, so the reader's age survives wall-clock jumps
+  (NTP stepping the clock of a controller without RTC).
+
+Inputs of :func:`build_status` (the runtime fills them; every key not marked
+required may be missing or ``None``, and is then shown as ``-``):
+
+``connectors``: one dict per connector::
+
+    {"id": 1,                       # required, int
+     "kind": "dc" | "ac",
+     "state": "charging",           # ConnectorState value
+     "plugged": bool | None,
+     "power_kw": float | None,      # live meter power, negative while discharging
+     "soc": int | None,             # vehicle SOC %, when the vehicle reports it
+     "limit_kw": float | None,      # effective power limit
+     "unavailable_reason": str | None,
+     "last_error": str | None,
+     "session": None | {            # the running session
+         "record_id": str,          # charging record id (uuid)
+         "mode": "charge" | "discharge",
+         "started_at": "2025-01-01T10:00:00Z",
+         "energy_kwh": float,       # meter_now - meter_start
+         "max_power_kw": float | None,
+         "soc_start": int | None}}
+
+``duration_s`` of a session is derived from ``started_at`` and ``taken_at``.
+
+``faults``: one dict per active fault::
+
+    {"fault_id": "F-0411",          # required
+     "connector_id": int | None,    # None = device-wide
+     "since": ISO str | None,       # when it was raised
+     "details": dict}
+
+``title`` and ``severity`` are filled from :data:`agent.charging.faults.FAULTS` (see
+:func:`fault_entry`); faults are sorted errors first, then by id and connector.
+
+``component_health``: connector id -> the platform-api §14.1 block exactly as
+:meth:`agent.maintenance.health.ComponentHealth.build` returns it (unknown values omitted)::
+
+    {"contactor_cycles": int, "contactor_max_cycles": int,
+     "relay_state": "closed" | "open" | "fault",
+     "cooling_fan_rpm": int, "cooling_fan_status": "ok" | "warning" | "fault",
+     "internal_temps": {"power_module" | "control_board" | "ac_inlet" | "dc_outlet": float},
+     "isolation_test_kohms": float, "last_isolation_test": ISO str,
+     # V2G-capable connectors only:
+     "bidirectional_inverter_cycles": int, "bidirectional_inverter_max_cycles": int,
+     "harmonic_distortion_v2g_pct": float, "discharge_contactor_cycles": int}
+
+``isolation_age_s`` is derived from ``last_isolation_test`` and ``taken_at``.
+
+``uplink``::
+
+    {"enabled": bool,               # [platform] enabled
+     "online": bool,
+     "last_heartbeat_at": ISO str | None,   # UplinkStats.last_heartbeat_ok
+     "reconnects_10min": int,       # ReconnectBudget.used()
+     "reconnect_limit": int | None, # ReconnectBudget.limit (F-0302 above it)
+     "reconnects_total": int | None,
+     "last_error": str | None}
+
+``last_heartbeat_age_s`` is derived from ``last_heartbeat_at`` and ``taken_at``.
+
+``outbox``: ``dataclasses.asdict(Outbox.stats())``::
+
+    {"depth": {kind: int}, "dead_letters": int, "used_bytes": int, "max_bytes": int,
+     "storage_alarm": bool, "telemetry_thinned": int}
+
+``service_mode``: :meth:`agent.maintenance.service_mode.ServiceMode.status`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from agent.charging.faults import FAULTS, Severity
+
+log = structlog.get_logger(__name__)
+
+SCHEMA_VERSION = 1
+STATUS_FILE = "status.json"
+#: a snapshot older than this means the agent is not running
+STALE_AFTER_S = 5.0
+FILE_MODE = 0o640
+_BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+
+
+def status_path(state_dir: str | os.PathLike[str]) -> Path:
+    """``{state_dir}/status.json``."""
+    return Path(state_dir) / STATUS_FILE
+
+
+# ---------------------------------------------------------------------------- time helpers
+
+
+def iso_utc(ts: float) -> str:
+    """Unix seconds -> ``2025-01-01T10:00:00Z``."""
+    return datetime.fromtimestamp(ts, UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def parse_iso(value: Any) -> float | None:
+    """ISO 8601 (``Z`` or offset; naive counts as UTC) -> unix seconds; ``None`` if not a time."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)  # 3.11+: accepts a trailing Z
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()
+
+
+def boot_id() -> str | None:
+    """The kernel's boot id (changes on every boot), or ``None`` off Linux."""
+    try:
+        return Path(_BOOT_ID_PATH).read_text(encoding="ascii").strip() or None
+    except OSError:
+        return None
+
+
+# ---------------------------------------------------------------------------- atomic write
+
+
+def write_json_atomic(path: str | os.PathLike[str], document: Any, *, mode: int = FILE_MODE) -> None:
+    """Replace ``path`` with ``document`` as JSON: temp file + rename, file mode ``mode``.
+
+    A reader in another process sees the old or the new file, never a partial one.
+    The temp file gets ``mode`` before the rename. When run as root, the file takes
+    the owner and group of its directory, so the agent user can read a file written
+    by ``sudo charger-agent ...``. No fsync (callers write live views). Raises
+    :class:`OSError` (the old file is kept) and ``TypeError``/``ValueError`` for a
+    document that is not JSON (non-finite floats included).
+    """
+    target = Path(path)
+    text = json.dumps(document, separators=(",", ":"), allow_nan=False) + "\n"
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            os.fchmod(fh.fileno(), mode)
+            if os.geteuid() == 0:
+                st = os.stat(target.parent)
+                os.fchown(fh.fileno(), st.st_uid, st.st_gid)
+            fh.write(text)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+# ---------------------------------------------------------------------------- building
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe copy: str keys, lists for tuples/sets, ``None`` for NaN/inf, enum values."""
+    if isinstance(value, Enum):
+        return _clean(value.value)
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted((_clean(v) for v in value), key=str)
+    return str(value)
+
+
+def fault_entry(
+    fault_id: str, connector_id: int | None, *, since: str | None = None, details: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """One ``faults`` entry with ``title`` and ``severity`` from the fault dictionary.
+
+    An id not in :data:`agent.charging.faults.FAULTS` keeps the id as title and severity ``error``
+    (shown, never hidden).
+    """
+    definition = FAULTS.get(fault_id)
+    return {
+        "fault_id": fault_id,
+        "title": definition.title if definition else fault_id,
+        "severity": str(definition.severity) if definition else str(Severity.ERROR),
+        "connector_id": connector_id,
+        "since": since,
+        "details": dict(details or {}),
+    }
+
+
+def _age(at_iso: Any, taken_at: float) -> float | None:
+    ts = parse_iso(at_iso)
+    return None if ts is None else max(0.0, taken_at - ts)
+
+
+def build_status(
+    *,
+    agent_version: str,
+    connectors: list[dict[str, Any]],
+    faults: list[dict[str, Any]],
+    component_health: Mapping[int, Mapping[str, Any]],
+    uplink: Mapping[str, Any],
+    outbox: Mapping[str, Any],
+    service_mode: Mapping[str, Any],
+    taken_at: float,
+    started_at: float | None = None,
+    serial_number: str | None = None,
+) -> dict[str, Any]:
+    """The snapshot (shape in the module docstring) from plain data; pure, never raises for
+    missing optional keys.
+
+    Adds the derived fields: ``taken_at_iso``, ``uptime_s`` (from ``started_at``, unix
+    seconds), each session's ``duration_s``, each fault's ``title``/``severity``/``age_s``,
+    each health block's ``isolation_age_s`` and the uplink's ``last_heartbeat_age_s``. Connectors are sorted by id; the inputs are not
+    modified.
+    """
+    out_connectors = []
+    for raw in sorted(connectors, key=lambda c: int(c["id"])):
+        conn = _clean(raw)
+        session = conn.get("session")
+        if isinstance(session, dict):
+            session["duration_s"] = _age(session.get("started_at"), taken_at)
+        out_connectors.append(conn)
+
+    out_faults = []
+    for raw in faults:
+        entry = fault_entry(
+            str(raw["fault_id"]), raw.get("connector_id"), since=raw.get("since"), details=raw.get("details")
+        )
+        entry["age_s"] = _age(entry["since"], taken_at)
+        out_faults.append(_clean(entry))
+    out_faults.sort(
+        key=lambda f: (f["severity"] != Severity.ERROR.value, f["fault_id"], f["connector_id"] or 0)
+    )
+
+    out_health: dict[str, Any] = {}
+    for cid, raw_parts in sorted(component_health.items(), key=lambda kv: int(kv[0])):
+        parts = _clean(raw_parts)
+        if isinstance(parts, dict) and "last_isolation_test" in parts:
+            parts["isolation_age_s"] = _age(parts.get("last_isolation_test"), taken_at)
+        out_health[str(cid)] = parts
+
+    out_uplink = _clean(uplink)
+    out_uplink["last_heartbeat_age_s"] = _age(out_uplink.get("last_heartbeat_at"), taken_at)
+
+    return {
+        "schema": SCHEMA_VERSION,
+        "agent_version": agent_version,
+        "serial_number": serial_number,
+        "taken_at": taken_at,
+        "taken_at_iso": iso_utc(taken_at),
+        "started_at": started_at,
+        "uptime_s": None if started_at is None else max(0.0, taken_at - started_at),
+        "service_mode": _clean(service_mode),
+        "connectors": out_connectors,
+        "faults": out_faults,
+        "component_health": out_health,
+        "uplink": out_uplink,
+        "outbox": _clean(outbox),
+    }
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+class StatusWriter:
+    """Writes ``collect()`` to ``path`` every ``interval_s`` while running.
+
+    * ``write_once()`` calls ``collect()`` (in the caller's thread: it reads live agent
+      state), stamps ``written_mono``/``boot_id``/``pid`` and writes atomically (see
+      :func:`write_json_atomic`). When ``collect`` raises or returns something that is
+      not JSON, it writes a minimal snapshot instead (``schema``, ``taken_at``,
+      ``taken_at_iso``, ``snapshot_error``) so the CLI shows a live agent with a broken
+      status rather than "not running", and returns False. A failed write returns
+      False and keeps the old file. Never raises; each distinct error is logged once,
+      the recovery once.
+    * ``start()`` writes once at once, then runs the loop as a task; ``stop()`` cancels
+      it and leaves the last file in place (it ages into "not running"). Both are
+      idempotent.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], interval_s: float, collect: Callable[[], dict[str, Any]]) -> None:
+        if interval_s <= 0:
+            raise ValueError("interval_s must be positive")
+        self.path = Path(path)
+        self.interval_s = interval_s
+        self.collect = collect
+        self.writes = 0
+        self._task: asyncio.Task[None] | None = None
+        self._boot_id = boot_id()
+        self._last_error: str | None = None
+
+    def _stamp(self, snapshot: dict[str, Any]) -> dict[str, Any]:
+        snapshot["written_mono"] = time.monotonic()
+        snapshot["boot_id"] = self._boot_id
+        snapshot["pid"] = os.getpid()
+        return snapshot
+
+    def _failed(self, error: str) -> bool:
+        if error != self._last_error:
+            log.error("status_snapshot_failed", path=str(self.path), error=error)
+        self._last_error = error
+        return False
+
+    def write_once(self) -> bool:
+        try:
+            snapshot = self._stamp(dict(self.collect()))
+            json.dumps(snapshot, allow_nan=False)
+        except Exception as exc:  # noqa: BLE001 - a status page must never stop the agent
+            error = f"{type(exc).__name__}: {exc}"
+            now = time.time()
+            minimal = {"schema": SCHEMA_VERSION, "taken_at": now, "taken_at_iso": iso_utc(now), "snapshot_error": error}
+            try:
+                write_json_atomic(self.path, self._stamp(minimal))
+            except OSError as write_exc:
+                return self._failed(f"{error}; write: {write_exc}")
+            return self._failed(error)
+        try:
+            write_json_atomic(self.path, snapshot)
+        except (OSError, TypeError, ValueError) as exc:
+            return self._failed(f"{type(exc).__name__}: {exc}")
+        if self._last_error is not None:
+            log.info("status_snapshot_recovered", path=str(self.path))
+            self._last_error = None
+        self.writes += 1
+        return True
+
+    async def run(self) -> None:
+        while True:
+            self.write_once()
+            await asyncio.sleep(self.interval_s)
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self.run(), name="status-writer")
+            await asyncio.sleep(0)
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def snapshot_age(snapshot: Mapping[str, Any], *, now: float | None = None, now_mono: float | None = None) -> float | None:
+    """Seconds since ``snapshot`` was taken, or ``None`` if it carries no usable time.
+
+    Uses the monotonic stamp when the snapshot was written during this boot (immune
+    to wall-clock steps), else the wall clock (``taken_at``). Never negative.
+    """
+    mono = snapshot.get("written_mono")
+    if isinstance(mono, (int, float)) and snapshot.get("boot_id") and snapshot.get("boot_id") == boot_id():
+        current = time.monotonic() if now_mono is None else now_mono
+        return max(0.0, current - float(mono))
+    taken = snapshot.get("taken_at")
+    if isinstance(taken, (int, float)) and not isinstance(taken, bool):
+        current = time.time() if now is None else now
+        return max(0.0, current - float(taken))
+    return None
+
+
+def read_status(state_dir: str | os.PathLike[str], *, now: float | None = None) -> tuple[dict[str, Any] | None, float | None]:
+    """``(snapshot, age_s)`` from ``{state_dir}/status.json``.
+
+    * no file: ``(None, None)``;
+    * a file that is not a JSON object: ``(None, age of the file's mtime)``;
+    * otherwise the snapshot and :func:`snapshot_age` (``None`` when it has no time).
+
+    Raises :class:`PermissionError` (and other :class:`OSError` but "not found") so the
+    CLI can say why it cannot read the file.
+    """
+    path = status_path(state_dir)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None, None
+    try:
+        snapshot = json.loads(text)
+    except ValueError:
+        snapshot = None
+    if not isinstance(snapshot, dict):
+        try:
+            mtime = path.stat().st_mtime
+        except FileNotFoundError:
+            return None, None
+        return None, max(0.0, (time.time() if now is None else now) - mtime)
+    return snapshot, snapshot_age(snapshot, now=now)
+
+
+def is_stale(age_s: float | None) -> bool:
+    """True when there is no age or it exceeds :data:`STALE_AFTER_S`."""
+    return age_s is None or age_s > STALE_AFTER_S
+
+
+# ---------------------------------------------------------------------------- rendering
+
+
+def fmt_age(seconds: Any) -> str:
+    """``4 s``, ``3 min 10 s``, ``2 h 05 min``, ``3 d 04 h``; ``-`` for no value."""
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
+        return "-"
+    s = int(max(0.0, float(seconds)))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    if s < 86400:
+        return f"{s // 3600} h {s % 3600 // 60:02d} min"
+    return f"{s // 86400} d {s % 86400 // 3600:02d} h"
+
+
+def fmt_duration(seconds: Any) -> str:
+    """``H:MM:SS``; ``-`` for no value."""
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
+        return "-"
+    s = int(max(0.0, float(seconds)))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _num(value: Any, fmt: str, suffix: str = "") -> str:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return "-"
+    return f"{value:{fmt}}{suffix}"
+
+
+def _text(value: Any) -> str:
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def _table(headers: list[str], rows: list[list[str]], *, right: frozenset[int] = frozenset()) -> list[str]:
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row)]
+
+    def line(cells: list[str]) -> str:
+        parts = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))]
+        return "  " + "  ".join(parts).rstrip()
+
+    return [line(headers), *(line(r) for r in rows)]
+
+
+def _service_line(sm: Mapping[str, Any]) -> str:
+    if not sm:
+        return "service mode: -"
+    if not sm.get("on"):
+        text = "service mode: OFF"
+    else:
+        parts = []
+        if sm.get("key_switch"):
+            parts.append("key switch")
+        if sm.get("file_active"):
+            until = sm.get("until_iso") or "-"
+            by = f", by {sm['by']}" if sm.get("by") else ""
+            parts.append(f"until {until}, {fmt_age(sm.get('remaining_s'))} left{by}")
+        text = "service mode: ON (" + "; ".join(parts or ["?"]) + ")"
+    if sm.get("key_switch_error"):
+        text += f"  [key switch unreadable: {sm['key_switch_error']}]"
+    if sm.get("file_error"):
+        text += f"  [service-mode file ignored: {sm['file_error']}]"
+    return text
+
+
+def _connectors_section(conns: list[Any]) -> list[str]:
+    rows = []
+    for c in conns:
+        if not isinstance(c, dict):
+            continue
+        s = c.get("session") if isinstance(c.get("session"), dict) else None
+        state = _text(c.get("state"))
+        if c.get("unavailable_reason"):
+            state += f" ({c['unavailable_reason']})"
+        rows.append(
+            [
+                _text(c.get("id")),
+                _text(c.get("kind")),
+                state,
+                _text(s.get("record_id")) if s else "-",
+                fmt_duration(s.get("duration_s")) if s else "-",
+                _num(s.get("energy_kwh"), ".3f") if s else "-",
+                _num(c.get("power_kw"), ".2f"),
+                _num(c.get("soc"), ".0f", "%"),
+            ]
+        )
+    out = ["CONNECTORS"]
+    if not rows:
+        return [*out, "  (none)"]
+    out += _table(["ID", "KIND", "STATE", "SESSION (record id)", "DURATION", "kWh", "kW", "SOC"], rows, right=frozenset({0, 4, 5, 6, 7}))
+    for c in conns:
+        if isinstance(c, dict) and c.get("last_error"):
+            out.append(f"  connector {c.get('id')}: last error: {c['last_error']}")
+    return out
+
+
+def _faults_section(faults: list[Any]) -> list[str]:
+    out = ["ACTIVE FAULTS"]
+    rows = []
+    for f in faults:
+        if not isinstance(f, dict):
+            continue
+        since = f"{f['since']} ({fmt_age(f.get('age_s'))} ago)" if f.get("since") else "-"
+        cid = f.get("connector_id")
+        rows.append(
+            [
+                _text(f.get("fault_id")),
+                _text(f.get("severity")),
+                "all" if cid is None else str(cid),
+                since,
+                _text(f.get("title")),
+            ]
+        )
+    if not rows:
+        return [*out, "  (none)"]
+    return out + _table(["CODE", "SEVERITY", "CONN", "SINCE", "TITLE"], rows)
+
+
+def _cycles(cycles: Any, rated: Any) -> str:
+    if not isinstance(cycles, int) or isinstance(cycles, bool):
+        return "- cycles"
+    if isinstance(rated, int) and not isinstance(rated, bool) and rated > 0:
+        return f"{cycles:,} / {rated:,} cycles ({100.0 * cycles / rated:.1f}%)"
+    return f"{cycles:,} cycles"
+
+
+def _health_lines(block: Mapping[str, Any]) -> list[tuple[str, str]]:
+    lines: list[tuple[str, str]] = []
+    if "contactor_cycles" in block or "relay_state" in block:
+        relay = block.get("relay_state")
+        relay_text = f", relay {relay.upper() if relay == 'fault' else _text(relay)}"
+        lines.append(("contactor", _cycles(block.get("contactor_cycles"), block.get("contactor_max_cycles")) + relay_text))
+    if "isolation_test_kohms" in block:
+        text = _num(block.get("isolation_test_kohms"), ".1f", " kOhm")
+        if block.get("last_isolation_test"):
+            text += f" at {block['last_isolation_test']} ({fmt_age(block.get('isolation_age_s'))} ago)"
+        lines.append(("isolation", text))
+    else:
+        lines.append(("isolation", "not tested yet"))
+    if "cooling_fan_status" in block or "cooling_fan_rpm" in block:
+        status = block.get("cooling_fan_status")
+        status_text = status.upper() if status == "fault" else _text(status)
+        lines.append(("fan", f"{_num(block.get('cooling_fan_rpm'), '.0f', ' rpm')}, {status_text}"))
+    temps = block.get("internal_temps")
+    if isinstance(temps, dict) and temps:
+        lines.append(("temps", ", ".join(f"{name} {_num(v, '.1f')}" for name, v in temps.items()) + " degC"))
+    if "bidirectional_inverter_cycles" in block:
+        text = "inverter " + _cycles(block.get("bidirectional_inverter_cycles"), block.get("bidirectional_inverter_max_cycles"))
+        if "discharge_contactor_cycles" in block:
+            text += f", discharge contactor {_cycles(block.get('discharge_contactor_cycles'), None)}"
+        if "harmonic_distortion_v2g_pct" in block:
+            text += f", THD {_num(block.get('harmonic_distortion_v2g_pct'), '.2f', '%')}"
+        lines.append(("V2G stage", text))
+    return lines
+
+
+def _health_section(health: Mapping[str, Any]) -> list[str]:
+    out = ["COMPONENT HEALTH"]
+    if not health:
+        return [*out, "  (none)"]
+    for cid, block in health.items():
+        if not isinstance(block, dict):
+            continue
+        out.append(f"  connector {cid}")
+        out += [f"    {label:<10} {text}" for label, text in _health_lines(block)]
+    return out
+
+
+def _uplink_section(uplink: Mapping[str, Any], outbox: Mapping[str, Any]) -> list[str]:
+    out = ["UPLINK"]
+    if uplink.get("enabled") is False:
+        out.append("  disabled ([platform] enabled = false)")
+    else:
+        online = "yes" if uplink.get("online") else "NO"
+        hb = uplink.get("last_heartbeat_age_s")
+        hb_text = f"{fmt_age(hb)} ago" if hb is not None else "never"
+        reconnects = _text(uplink.get("reconnects_10min"))
+        limit = uplink.get("reconnect_limit")
+        if limit is not None:
+            reconnects += f" (limit {limit})"
+        out.append(f"  online: {online}   last heartbeat: {hb_text}   reconnects (last 10 min): {reconnects}")
+        if uplink.get("last_error"):
+            out.append(f"  last error: {uplink['last_error']}")
+    raw_depth = outbox.get("depth")
+    depth: dict[str, Any] = raw_depth if isinstance(raw_depth, dict) else {}
+    total = sum(int(v) for v in depth.values() if isinstance(v, int))
+    by_kind = ", ".join(f"{k} {v}" for k, v in depth.items() if v) or "empty"
+    dead = _text(outbox.get("dead_letters"))
+    line = f"  outbox: {total} queued ({by_kind})   dead letters: {dead}"
+    if outbox.get("storage_alarm"):
+        line += "   STORAGE ALARM"
+    out.append(line)
+    return out
+
+
+def render_table(status: Mapping[str, Any], *, age_s: float | None = None) -> str:
+    """The human-readable status: header (version, serial, uptime, snapshot age, service
+    mode), then CONNECTORS, ACTIVE FAULTS, COMPONENT HEALTH and UPLINK sections.
+
+    Missing values print as ``-``; a malformed section is skipped, never raised on.
+    """
+    head = f"charger-agent {_text(status.get('agent_version'))}"
+    if status.get("serial_number"):
+        head += f"   serial {status['serial_number']}"
+    head += f"   up {fmt_age(status.get('uptime_s'))}"
+    head += f"   snapshot {status.get('taken_at_iso') or '-'}"
+    if age_s is not None:
+        head += f" ({age_s:.1f} s old)"
+    sm = status.get("service_mode")
+    lines = [head, _service_line(sm if isinstance(sm, dict) else {})]
+    if status.get("snapshot_error"):
+        lines.append(f"STATUS INCOMPLETE: the agent could not build its snapshot: {status['snapshot_error']}")
+    lines.append("")
+    conns = status.get("connectors")
+    lines += _connectors_section(conns if isinstance(conns, list) else [])
+    lines.append("")
+    faults = status.get("faults")
+    lines += _faults_section(faults if isinstance(faults, list) else [])
+    lines.append("")
+    health = status.get("component_health")
+    lines += _health_section(health if isinstance(health, dict) else {})
+    lines.append("")
+    uplink, outbox = status.get("uplink"), status.get("outbox")
+    lines += _uplink_section(uplink if isinstance(uplink, dict) else {}, outbox if isinstance(outbox, dict) else {})
+    return "\n".join(lines)

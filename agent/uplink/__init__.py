@@ -1,1 +1,0 @@
-"""The platform uplink: reads the outbox, feeds the dispatcher, never touches charging."""

@@ -1,1 +1,0 @@
-"""Tests of the charger-side API models."""
