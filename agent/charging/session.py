@@ -12,7 +12,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any, Literal, Mapping, Required, TypedDict
 
 #: start reasons (platform-api §7.2 Project choice)
 START_REASONS = ("remote_start", "local_auth", "schedule")
@@ -30,6 +30,50 @@ STOP_REASONS = (
 )
 #: stops that F-0805 does not consider unexpected
 CLEAN_STOPS = frozenset({"user_request", "remote_stop", "time_limit", "soc_target_reached", "energy_limit", "schedule"})
+
+
+class Checkpoint(TypedDict, total=False):
+    """A session as persisted: everything needed to close it (or resume it) after a restart.
+
+    Written by :meth:`Session.checkpoint` into the state store on every change of its
+    accounting; ``suspended_at`` is added when a clean shutdown suspended the session.
+    """
+
+    record_id: Required[str]
+    connector_id: Required[int]
+    start_time: Required[str]  # ISO 8601 UTC ``Z``
+    meter_start: Required[float]  # kWh register (import, or export when discharging)
+    meter_now: float
+    max_power_kw: float
+    mode: Literal["charge", "discharge"]
+    start_reason: str
+    command_id: str | None
+    transaction_id: str | None
+    soc_start: int | None
+    soc_now: int | None
+    vin: str | None
+    checkpoint_time: str
+    suspended_at: str
+
+
+def as_checkpoint(raw: Mapping[str, Any]) -> Checkpoint:
+    """Check a checkpoint read back from the store; raise ``ValueError`` naming the bad key.
+
+    Keys beyond :class:`Checkpoint` are dropped; optional keys may be absent.
+    """
+    for key, kinds in (("record_id", (str,)), ("connector_id", (int,)), ("start_time", (str,)), ("meter_start", (int, float))):
+        value = raw.get(key)
+        if not isinstance(value, kinds) or isinstance(value, bool) or value == "":
+            raise ValueError(f"checkpoint.{key}: expected {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
+    try:
+        datetime.fromisoformat(str(raw["start_time"]).replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"checkpoint.start_time: expected an ISO 8601 date-time, got {raw['start_time']!r}") from None
+    mode = raw.get("mode", "charge")
+    if mode not in ("charge", "discharge"):
+        raise ValueError(f"checkpoint.mode: expected 'charge' or 'discharge', got {mode!r}")
+    known = Checkpoint.__annotations__.keys()
+    return Checkpoint(**{k: v for k, v in raw.items() if k in known})  # type: ignore[typeddict-item]
 
 
 def utc_now() -> datetime:
@@ -54,7 +98,7 @@ class SessionRequest:
     min_soc: int | None = None
     transaction_id: str | None = None
     schedule_id: str | None = None
-    resume: dict[str, Any] | None = None  # checkpoint of a suspended session to continue
+    resume: Checkpoint | None = None  # checkpoint of a suspended session to continue
 
 
 @dataclass
@@ -93,7 +137,7 @@ class Session:
             self.soc_now = soc
 
     @classmethod
-    def from_checkpoint(cls, cp: dict[str, Any], request: SessionRequest, now_mono: float) -> "Session":
+    def from_checkpoint(cls, cp: Checkpoint, request: SessionRequest, now_mono: float) -> "Session":
         """Continue a suspended session: same record, start and meter_start."""
         start = datetime.fromisoformat(str(cp["start_time"]).replace("Z", "+00:00"))
         elapsed = max((utc_now() - start).total_seconds(), 0.0)
@@ -111,7 +155,7 @@ class Session:
             vin=cp.get("vin"),
         )
 
-    def checkpoint(self) -> dict[str, Any]:
+    def checkpoint(self) -> Checkpoint:
         """Everything needed to close this session after a power loss."""
         return {
             "record_id": self.record_id,
@@ -186,7 +230,7 @@ def build_record(
 
 
 def record_from_checkpoint(
-    cp: dict[str, Any], *, end_time: str, meter_end: float | None, stop_reason: str, extensions: bool, send_vin: bool
+    cp: Checkpoint, *, end_time: str, meter_end: float | None, stop_reason: str, extensions: bool, send_vin: bool
 ) -> dict[str, Any]:
     """Close a session from its last checkpoint (power loss, or a restart mid-session).
 

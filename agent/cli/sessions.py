@@ -19,13 +19,12 @@ ambiguous record-id prefix).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Final, TextIO
+from typing import Any, Final
 
 from agent.maintenance.archive import (
     SAMPLE_COLUMNS,
@@ -36,10 +35,11 @@ from agent.maintenance.archive import (
     SessionInfo,
     iso_utc,
 )
+from agent.maintenance.archive_export import CSV_COLUMNS, write_csv
+
+__all__ = ["CSV_COLUMNS", "add_parsers", "format_duration", "main", "write_csv"]
 
 EXIT_OK, EXIT_NOT_FOUND, EXIT_USAGE = 0, 1, 2
-#: CSV header of ``show --csv``: Unix time, the same as ISO 8601 UTC, then the sample columns.
-CSV_COLUMNS: Final = ("t_unix", "time_utc", *SAMPLE_COLUMNS[1:])
 #: Samples printed at each end by ``show`` without ``--csv``/``--json``.
 HEAD_TAIL: Final = 5
 #: A stand-in sim root for configs that use ``{sim_root}``: only the state directory is needed,
@@ -164,17 +164,6 @@ def render_show(info: SessionInfo, samples: Sequence[SampleRow], head_tail: int 
         title = f"samples (first {head_tail} and last {head_tail} of {len(samples)}; --csv prints all):"
     lines += ["", title, _table(header, rows, right={2, 3, 4, 5, 6, 7})]
     return "\n".join(lines)
-
-
-def write_csv(samples: Sequence[SampleRow], out: TextIO) -> None:
-    """Every sample as CSV with header :data:`CSV_COLUMNS`; unknown values are empty."""
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    for r in samples:
-        values = (r.power_kw, r.voltage, r.current, r.soc, r.temperature, r.energy_kwh)
-        writer.writerow(
-            [f"{r.t:.3f}", iso_utc(r.t), r.resolution, *("" if v is None else f"{v:.10g}" for v in values)]
-        )
 
 
 def _sample_dict(r: SampleRow) -> dict[str, Any]:

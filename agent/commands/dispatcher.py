@@ -107,12 +107,16 @@ class Dispatcher:
         specs: dict[str, CommandSpec],
         *,
         now: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+        ready: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        """``ready`` is awaited before each command (a soft reset in progress: until the
+        connectors are rebuilt), so no command meets a half-rebuilt ``connectors`` set."""
         self.ledger = ledger
         self.sink = sink
         self.connectors = connectors
         self.specs = specs
         self.now = now
+        self.ready = ready
         self._tasks: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
 
@@ -120,6 +124,8 @@ class Dispatcher:
         """Handle one delivered command. Never raises (bad input becomes a report)."""
         try:
             async with self._lock:  # one command at a time: arrival order per connector
+                if self.ready is not None:
+                    await self.ready()
                 await self._deliver(raw, channel, connector_id)
         except Exception:
             log.exception("dispatch_error", channel=channel)

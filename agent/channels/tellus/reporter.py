@@ -30,7 +30,7 @@ import structlog
 
 from agent.charging.connector import ConnectorState
 from agent.charging.faults import ActiveFault, Severity
-from agent.charging.session import Session, iso, record_from_checkpoint, utc_now
+from agent.charging.session import Checkpoint, Session, iso, record_from_checkpoint, utc_now
 from agent.store import Store
 from agent.store.commands import StatusTransitionError, UnknownCommandError
 
@@ -115,7 +115,8 @@ class Reporter:
         self._submit(job)
 
     def session_suspended(self, session: Session) -> None:
-        checkpoint = {**session.checkpoint(), "suspended_at": iso(utc_now())}
+        checkpoint = session.checkpoint()
+        checkpoint["suspended_at"] = iso(utc_now())
         self.event(session.connector_id, "stop", {"reason": "shutdown", "suspended": True})
 
         async def job() -> None:
@@ -126,7 +127,7 @@ class Reporter:
     def close_checkpoint(
         self,
         connector_id: int,
-        checkpoint: dict[str, Any],
+        checkpoint: Checkpoint,
         stop_reason: str,
         message: str,
         meter_end: float | None = None,
