@@ -61,6 +61,7 @@ from agent.channels.tellus.client import PlatformHttp
 from agent.channels.tellus.uplink import Uplink
 from hal.context import BuildContext
 from hal.interfaces import DeviceSet, HealthState, Thermal
+from hal.tasks import stop_tasks
 
 log = structlog.get_logger(__name__)
 
@@ -343,11 +344,8 @@ class Agent:
         _done, pending = await asyncio.wait(self._connector_tasks, timeout=20.0) if self._connector_tasks else ((), ())
         for task in pending:
             log.error("connector_stop_timeout", task=task.get_name())
-            task.cancel()
-        await asyncio.gather(*self._connector_tasks, return_exceptions=True)
-        for task in self._hw_tasks:
-            task.cancel()
-        await asyncio.gather(*self._hw_tasks, return_exceptions=True)
+        await stop_tasks(self._connector_tasks)
+        await stop_tasks(self._hw_tasks)
         self._connector_tasks, self._hw_tasks = [], []
         if self._recorder is not None:  # after the connectors: sessions they ended get closed
             self._recorder_stop.set()
@@ -577,9 +575,7 @@ class Agent:
         log.info("agent_stopping")
         if not self.reboot_requested:
             await cancel_background()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await stop_tasks(self._tasks)
         suspend = self.cfg.charging.on_shutdown == "suspend" and not self.reboot_requested and self.upgrade_restart is None
         await self._stop_hardware(SHUTDOWN_STOP_REASON, suspend=suspend)
         if self.reporter is not None:

@@ -81,6 +81,7 @@ import structlog
 from pydantic import Field, model_validator
 
 from hal.config import StrictModel
+from hal.tasks import stop_task
 
 if TYPE_CHECKING:
     from agent.charging.connector import Connector
@@ -853,12 +854,7 @@ class SessionArchive:
         """Commit the buffer, checkpoint the WAL and close. Idempotent; later writes are no-ops."""
         if self._closed:
             return
-        if self._flusher is not None:
-            self._flusher.cancel()
-            try:
-                await self._flusher
-            except asyncio.CancelledError:
-                pass
+        await stop_task(self._flusher)
         await self.flush()
         self._closed = True
         executor, self._executor = self._executor, None

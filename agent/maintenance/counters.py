@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from agent.charging.session import iso, utc_now
 from agent.store.db import StoreError
 from agent.store.kv import KVStore
 from hal.interfaces import Contactor, Thermal
+from hal.tasks import stop_task
 
 log = structlog.get_logger(__name__)
 
@@ -195,9 +195,7 @@ class FanRuntime:
         """Stop the task, count the time up to now and persist (idempotent)."""
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await stop_task(task)
             self.sample()
         await self.persist()
 

@@ -80,6 +80,7 @@ from agent.netaddr import is_loopback_host
 from agent.service.logs import SECRET_KEYS as LOG_SECRET_KEYS
 from agent.store.commands import iso_utc
 from agent.store.credentials import CREDENTIALS_FILENAME
+from hal.tasks import stop_task
 
 log = structlog.get_logger(__name__)
 
@@ -850,7 +851,7 @@ async def _collect_journald(
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await asyncio.shield(proc.wait())
-        err_task.cancel()
+        await stop_task(err_task)
     err = err_buf.decode("utf-8", "replace").strip()
     if err:
         notes.append("journald: journalctl said: " + redact_text(" ".join(err.split()))[:300])

@@ -55,6 +55,7 @@ from pydantic import Field, model_validator
 from agent.service.status import iso_utc, write_json_atomic
 from hal.config import StrictModel
 from hal.gpio.lines import BiasName, LineError, resolve_gpiochip, sim_value_path
+from hal.tasks import stop_task
 
 if TYPE_CHECKING:
     from gpiod import LineRequest, LineSettings
@@ -509,10 +510,7 @@ class ServiceMode:
     async def stop(self) -> None:
         """Stop polling and release the key-switch line. Not a service-mode transition."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_task(task)
         if self._key is not None:
             self._key.close()
             self._key_open = False

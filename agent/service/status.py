@@ -103,6 +103,7 @@ from typing import Any
 import structlog
 
 from agent.charging.faults import FAULTS, Severity
+from hal.tasks import stop_task
 
 log = structlog.get_logger(__name__)
 
@@ -366,10 +367,7 @@ class StatusWriter:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_task(task)
 
 
 # ---------------------------------------------------------------------------- reading

@@ -51,6 +51,7 @@ from agent.store.outbox import PRIORITY
 from agent.channels.tellus.auth import REPROVISION_RETRY_S, AuthError, TokenManager
 from agent.channels.tellus.client import ApiResult, PlatformHttp
 from agent.channels.tellus.shaping import Backoff, ReconnectBudget, TokenBucket
+from hal.tasks import stop_tasks
 
 log = structlog.get_logger(__name__)
 
@@ -193,10 +194,7 @@ class Uplink:
         """Stop every loop; send a final heartbeat ``offline`` first when online."""
         self._running = False
         current = asyncio.current_task()
-        tasks = [t for t in self._tasks + self._poll_tasks if t is not current]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await stop_tasks(t for t in self._tasks + self._poll_tasks if t is not current)
         if final_heartbeat and self.online:
             try:
                 result = await asyncio.wait_for(self._send_heartbeat("offline"), timeout)
@@ -218,9 +216,7 @@ class Uplink:
         current = asyncio.current_task()
         old = [t for t in self._poll_tasks if t is not current]
         self._poll_generation += 1  # the calling poll loop (if any) ends after its deliver
-        for task in old:
-            task.cancel()
-        await asyncio.gather(*old, return_exceptions=True)
+        await stop_tasks(old)
         await self.http.close()
         self.tokens.invalidate()
         self._mark_offline("force_reconnect", immediate=True)
