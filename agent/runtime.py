@@ -53,12 +53,12 @@ from agent.charging.scheduler import Scheduler
 from agent.service.sdnotify import IDLE, Notifier, Watchdog, default_notifier, hal_probe, status_line
 from agent.maintenance.service_mode import ServiceMode, audit_hook
 from agent.service.status import StatusWriter, build_status, fault_entry, status_path
-from agent.charging.session import iso, utc_now
 from agent.store import Credentials, Store, StoreError
 from agent.channels.tellus.telemetry import TelemetrySampler
 from agent.channels.tellus.auth import Identity, TokenManager
 from agent.channels.tellus.client import PlatformHttp
 from agent.channels.tellus.uplink import Uplink
+from agent.utctime import parse_iso, to_iso, utc_now
 from hal.context import BuildContext
 from hal.interfaces import DeviceSet, HealthState, Thermal
 from hal.tasks import stop_tasks
@@ -242,7 +242,7 @@ class Agent:
                     else {
                         "record_id": s.record_id,
                         "mode": s.request.mode,
-                        "started_at": iso(s.start_time),
+                        "started_at": to_iso(s.start_time),
                         "energy_kwh": s.energy_kwh,
                         "max_power_kw": s.max_power_kw,
                         "soc_start": s.soc_start,
@@ -405,7 +405,7 @@ class Agent:
             connector = self.connectors.get(open_session.connector_id)
             suspended_at = cp.get("suspended_at")
             if suspended_at and connector is not None and policy.on_shutdown == "suspend":
-                age = (utc_now() - datetime.fromisoformat(str(suspended_at).replace("Z", "+00:00"))).total_seconds()
+                age = (utc_now() - parse_iso(str(suspended_at))).total_seconds()
                 if age <= policy.resume_window_s:
                     connector.resume(cp, policy.resume_plug_wait_s)
                     log.info("session_resume_scheduled", connector=connector.id, record_id=cp.get("record_id"))
@@ -610,7 +610,7 @@ class Agent:
     async def schedule_reboot(self, command_id: str) -> None:
         """Persist the pending ``completed`` report, then shut down; the configured action follows."""
         assert self.store is not None and self._stop_event is not None
-        await self.store.kv.set(PENDING_REBOOT_KEY, {"command_id": command_id, "at": iso(utc_now())})
+        await self.store.kv.set(PENDING_REBOOT_KEY, {"command_id": command_id, "at": to_iso(utc_now())})
         log.warning("reboot_requested", command_id=command_id, action=self.cfg.diagnostics.reboot_action)
         self.reboot_requested = True
         self._stop_event.set()
@@ -620,7 +620,7 @@ class Agent:
         pending = await self.store.kv.get(PENDING_REBOOT_KEY)
         if not isinstance(pending, dict) or not pending.get("command_id"):
             return
-        requested = datetime.fromisoformat(str(pending.get("at", iso(utc_now()))).replace("Z", "+00:00"))
+        requested = parse_iso(str(pending.get("at", to_iso(utc_now()))))
         downtime = round((utc_now() - requested).total_seconds(), 1)
         self.reporter.command_status(
             str(pending["command_id"]), "completed", "agent restarted", {"downtime_s": downtime, "version": __version__}

@@ -82,6 +82,7 @@ from pydantic import Field, model_validator
 
 from hal.config import StrictModel
 from hal.tasks import stop_task
+from agent.utctime import file_stamp, to_iso
 
 if TYPE_CHECKING:
     from agent.charging.connector import Connector
@@ -202,8 +203,8 @@ class SessionInfo:
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready view: ISO 8601 UTC times plus the derived ``resolution``."""
         out = asdict(self)
-        out["start_time"] = iso_utc(self.start_time)
-        out["end_time"] = iso_utc(self.end_time) if self.end_time is not None else None
+        out["start_time"] = to_iso(self.start_time)
+        out["end_time"] = to_iso(self.end_time) if self.end_time is not None else None
         out["resolution"] = self.resolution
         return out
 
@@ -242,11 +243,6 @@ class CompactReport:
 # --------------------------------------------------------------------------- helpers
 
 
-def iso_utc(t: float) -> str:
-    """Unix seconds as ISO 8601 UTC with a trailing Z, second precision."""
-    return datetime.fromtimestamp(t, UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-
-
 def _unix(value: datetime | float) -> float:
     if isinstance(value, datetime):
         if value.tzinfo is None:
@@ -269,10 +265,6 @@ def _enc(value: float | None, scale: float) -> int | None:
 
 def _dec(value: Any, scale: float) -> float | None:
     return None if value is None else value / scale
-
-
-def _utc_stamp() -> str:
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
 
 
 # --------------------------------------------------------------------------- schema
@@ -367,7 +359,7 @@ def _open_or_replace(path: Path) -> sqlite3.Connection:
     except sqlite3.DatabaseError as exc:
         if not _is_damage(exc):
             raise
-        aside = path.with_name(f"{path.name}.corrupt-{_utc_stamp()}")
+        aside = path.with_name(f"{path.name}.corrupt-{file_stamp()}")
         os.replace(path, aside)
         for suffix in ("-wal", "-shm"):
             side = Path(str(path) + suffix)

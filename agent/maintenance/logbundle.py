@@ -78,8 +78,8 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from agent.commands.params import Params
 from agent.netaddr import is_loopback_host
 from agent.service.logs import SECRET_KEYS as LOG_SECRET_KEYS
-from agent.store.commands import iso_utc
 from agent.store.credentials import CREDENTIALS_FILENAME
+from agent.utctime import to_iso, utc_now
 from hal.tasks import stop_task
 
 log = structlog.get_logger(__name__)
@@ -187,16 +187,16 @@ class FetchLogsParams(Params):
     @classmethod
     def _until_after_since(cls, value: datetime | None, info: ValidationInfo) -> datetime:
         defaulted = value is None
-        until = datetime.now(UTC) if value is None else _aware_utc(value)
+        until = utc_now() if value is None else _aware_utc(value)
         assert until is not None
         since = info.data.get("since")
         if isinstance(since, datetime) and until <= since:
             if defaulted:
                 raise ValueError(
-                    f"must be after since ({iso_utc(since.timestamp())}); until defaults to "
-                    f"now ({iso_utc(until.timestamp())})"
+                    f"must be after since ({to_iso(since.timestamp(), millis=True)}); until defaults to "
+                    f"now ({to_iso(until.timestamp(), millis=True)})"
                 )
-            raise ValueError(f"must be after since ({iso_utc(since.timestamp())})")
+            raise ValueError(f"must be after since ({to_iso(since.timestamp(), millis=True)})")
         return until
 
     @model_validator(mode="after")
@@ -774,8 +774,8 @@ class Bundle:
             "size": self.size,
             "sha256": self.sha256,
             "files": list(self.files),
-            "since": iso_utc(self.since.timestamp()),
-            "until": iso_utc(self.until.timestamp()),
+            "since": to_iso(self.since.timestamp(), millis=True),
+            "until": to_iso(self.until.timestamp(), millis=True),
             "truncated": self.truncated,
         }
 
@@ -960,9 +960,9 @@ def _manifest(
 ) -> bytes:
     lines = [
         "charger-agent log bundle (fetch_logs)",
-        f"created: {iso_utc(time.time())}",
+        f"created: {to_iso(time.time(), millis=True)}",
         (
-            f"window: {iso_utc(plan.since.timestamp())} .. {iso_utc(plan.until.timestamp())}"
+            f"window: {to_iso(plan.since.timestamp(), millis=True)} .. {to_iso(plan.until.timestamp(), millis=True)}"
             " (UTC, end exclusive)"
         ),
         f"size limit: {plan.max_bytes} bytes compressed",
@@ -1132,7 +1132,7 @@ def _pack(plan: _Plan) -> Bundle:
 def _audit_row(entry: AuditRecord, masker: _Masker) -> dict[str, Any]:
     return {
         "id": entry.id,
-        "at": iso_utc(entry.at),
+        "at": to_iso(entry.at, millis=True),
         "source": entry.source,
         "command_id": entry.command_id,
         "command": entry.command,

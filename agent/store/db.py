@@ -57,7 +57,6 @@ import shutil
 import sqlite3
 import sys
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +64,7 @@ from typing import Any, Final, Generic, Literal, TypeVar
 
 import structlog
 from pydantic import BaseModel, ConfigDict, Field
+from agent.utctime import file_stamp
 
 log = structlog.get_logger(__name__)
 
@@ -750,10 +750,6 @@ class RecoveryReport:
     errors: dict[str, str]
 
 
-def _utc_stamp() -> str:
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-
-
 def _salvage_rows(
     src: sqlite3.Connection, table: str
 ) -> tuple[list[str], list[tuple[Any, ...]], str | None]:
@@ -803,7 +799,7 @@ def recover_database(state_dir: str | os.PathLike[str]) -> RecoveryReport:
         salvaged: dict[str, int] = {}
         errors: dict[str, str] = {}
         if path.exists():
-            moved_to = directory / f"{DB_FILENAME}.corrupt-{_utc_stamp()}"
+            moved_to = directory / f"{DB_FILENAME}.corrupt-{file_stamp()}"
             os.replace(path, moved_to)
             for suffix in _SIDE_SUFFIXES:
                 side = Path(str(path) + suffix)
