@@ -77,7 +77,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from agent.commands.params import Params
 from agent.netaddr import is_loopback_host
-from agent.service.logs import SECRET_KEYS as LOG_SECRET_KEYS
+from agent.redaction import CONFIG_SECRET_KEYS, REDACTED, redact_text, redact_tree, safe_url
 from agent.store.credentials import CREDENTIALS_FILENAME
 from agent.utctime import to_iso, utc_now
 from hal.tasks import stop_task
@@ -89,14 +89,6 @@ DEFAULT_MAX_BYTES: Final = 50 * 1024 * 1024
 DEFAULT_WINDOW: Final = timedelta(hours=24)
 DEFAULT_UPLOAD_TIMEOUT_S: Final = 900.0
 MANIFEST_NAME: Final = "MANIFEST.txt"
-REDACTED: Final = "***"
-
-#: config keys whose values are replaced (substring match, case-insensitive)
-CONFIG_SECRET_KEYS: Final = re.compile(
-    r"secret|token|password|passwd|key|signature|authorization", re.IGNORECASE
-)
-_QUERY_SECRET = r"(?:secret|token|password|passwd|key|signature|authorization|credential|sig)"
-
 _RAW_FACTOR: Final = 4  # collected bytes per stream, as a multiple of max_bytes
 _PIPE_CHUNK: Final = 64 * 1024
 _COPY_CHUNK: Final = 1024 * 1024
@@ -121,20 +113,6 @@ class BundleError(Exception):
 
 # ---------------------------------------------------------------------------------------
 # Parameters
-
-
-def safe_url(url: str) -> str:
-    """``scheme://host[:port]/path`` of ``url``: no user-info, query or fragment (for logs
-    and messages; pre-signed URLs carry their signature in the query)."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:
-        return "<invalid URL>"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
 def check_upload_url(url: str) -> None:
@@ -215,42 +193,6 @@ class FetchLogsParams(Params):
 # ---------------------------------------------------------------------------------------
 # Redaction
 
-_BEARER = re.compile(r"\b(Bearer|Basic)(\s+)[A-Za-z0-9._~+/=-]{4,}")
-_USERINFO = re.compile(r"\b([A-Za-z][A-Za-z0-9+.\-]*://)[^\s/@\"'<>\\]+@")
-_QUERY = re.compile(
-    rf"([?&;][^=&\s\"'#<>\\]*{_QUERY_SECRET}[^=&\s\"'#<>\\]*=)[^&\s\"'#<>\\]*", re.IGNORECASE
-)
-_WORDS = LOG_SECRET_KEYS.pattern.strip("()")
-# every word (lower case) one of the patterns below needs to see before it can match
-_HINTS: Final = tuple(
-    dict.fromkeys([*_WORDS.split("|"), *_QUERY_SECRET[3:-1].split("|"), "bearer", "basic"])
-)
-_JSON_KEY = re.compile(rf'("[^"\\]*(?:{_WORDS})[^"\\]*"\s*:\s*)"(?:[^"\\]|\\.)*"', re.IGNORECASE)
-# the same inside a JSON string (journald's MESSAGE holding a structlog JSON line)
-_ESC_JSON_KEY = re.compile(
-    rf'(\\"[^"\\]*(?:{_WORDS})[^"\\]*\\"\s*:\s*)'
-    r'\\"(?:\\\\\\"|\\\\\\\\|\\\\[^"\\]|\\[^"\\]|[^"\\])*\\"',
-    re.IGNORECASE,
-)
-_KV = re.compile(rf"(\b[\w.-]*(?:{_WORDS})[\w.-]*=)(?!\*\*\*)('[^']*'|[^\s\"',;&]+)", re.IGNORECASE)
-
-
-def redact_text(text: str) -> str:
-    """Mask secrets in free text: bearer/basic credentials, URL user-info (removed),
-    secret-looking query parameters, and values of secret-looking JSON keys and
-    ``key=value`` pairs (key names as in :data:`agent.service.logs.SECRET_KEYS`)."""
-    if "@" in text:
-        text = _USERINFO.sub(r"\1", text)
-    lowered = text.lower()
-    if not any(word in lowered for word in _HINTS):  # the common case: nothing to look at
-        return text
-    text = _BEARER.sub(rf"\1\2{REDACTED}", text)
-    text = _QUERY.sub(rf"\1{REDACTED}", text)
-    text = _JSON_KEY.sub(rf'\1"{REDACTED}"', text)
-    text = _ESC_JSON_KEY.sub(rf'\1\\"{REDACTED}\\"', text)
-    return _KV.sub(rf"\1{REDACTED}", text)
-
-
 class _Masker:
     """Text and structured-data redaction plus the caller's known secret strings."""
 
@@ -270,19 +212,9 @@ class _Masker:
             "utf-8", "surrogateescape"
         )
 
-    def tree(self, value: Any, secret: bool = False) -> Any:
+    def tree(self, value: Any) -> Any:
         """Replace values under secret-looking keys (:data:`CONFIG_SECRET_KEYS`) by ``***``."""
-        if secret:
-            return REDACTED
-        if isinstance(value, dict):
-            return {
-                k: self.tree(v, bool(CONFIG_SECRET_KEYS.search(str(k)))) for k, v in value.items()
-            }
-        if isinstance(value, list):
-            return [self.tree(v) for v in value]
-        if isinstance(value, str):
-            return self.text(value)
-        return value
+        return redact_tree(value, keys=CONFIG_SECRET_KEYS, text=self.text)
 
 
 # -- config (TOML) ----------------------------------------------------------------------
