@@ -80,9 +80,10 @@ from typing import TYPE_CHECKING, Any, Final, Literal, Self, TypeVar
 import structlog
 from pydantic import Field, model_validator
 
+from agent.store.engine import Migration, StoreError, connect_read_only, open_database
+from agent.utctime import to_iso
 from hal.config import StrictModel
 from hal.tasks import stop_task
-from agent.utctime import file_stamp, to_iso
 
 if TYPE_CHECKING:
     from agent.charging.connector import Connector
@@ -295,78 +296,18 @@ CREATE TABLE samples_1min (
 """
 
 #: The schema history; ``user_version`` is the number applied. Append, never edit.
-_MIGRATIONS: Final[tuple[str, ...]] = (_SCHEMA_V1,)
+_MIGRATIONS: Final[tuple[Migration, ...]] = (
+    Migration("sessions, 1 s and 1 min samples", _SCHEMA_V1),
+)
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
 
 
-class _NewerSchema(Exception):
-    pass
-
-
-def _check_version(conn: sqlite3.Connection, path: Path) -> int:
-    current = int(conn.execute("PRAGMA user_version").fetchone()[0])
-    if current > SCHEMA_VERSION:
-        raise _NewerSchema(
-            f"{path} has schema version {current}; this agent knows up to {SCHEMA_VERSION} "
-            f"(written by a newer agent); the archive stays disabled and the file untouched"
-        )
-    return current
-
-
-def _migrate(conn: sqlite3.Connection, path: Path) -> None:
-    current = _check_version(conn, path)
-    for version in range(current + 1, SCHEMA_VERSION + 1):
-        # executescript() commits first; BEGIN..COMMIT makes the step and its bump atomic
-        try:
-            conn.executescript(
-                f"BEGIN IMMEDIATE;\n{_MIGRATIONS[version - 1]}\nPRAGMA user_version = {version:d};\nCOMMIT;"
-            )
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        log.info("archive.migrated", path=str(path), version=version)
-
-
-def _connect_rw(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None)
-    try:
-        conn.execute("PRAGMA busy_timeout = 5000")
-        _check_version(conn, path)  # before anything writes to the file
-        if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
-            # only possible before the first table exists
-            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
-        conn.execute("PRAGMA journal_mode = WAL").fetchone()
-        conn.execute("PRAGMA synchronous = NORMAL")
-        conn.execute("PRAGMA foreign_keys = ON")
-        conn.execute("PRAGMA journal_size_limit = 4194304")
-        _migrate(conn, path)
-        return conn
-    except BaseException:
-        conn.close()
-        raise
-
-
-def _is_damage(exc: BaseException) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)
-    return isinstance(exc, sqlite3.DatabaseError) and isinstance(code, int) and code & 0xFF in (11, 26)
-
-
 def _open_or_replace(path: Path) -> sqlite3.Connection:
-    """Open ``path`` read-write; a damaged file is moved aside once and a fresh one created."""
-    try:
-        return _connect_rw(path)
-    except sqlite3.DatabaseError as exc:
-        if not _is_damage(exc):
-            raise
-        aside = path.with_name(f"{path.name}.corrupt-{file_stamp()}")
-        os.replace(path, aside)
-        for suffix in ("-wal", "-shm"):
-            side = Path(str(path) + suffix)
-            if side.exists():
-                os.replace(side, Path(str(aside) + suffix))
-        log.warning("archive.damaged_file_replaced", path=str(path), kept_as=str(aside), error=str(exc))
-        return _connect_rw(path)
+    """Open ``path`` read-write (WAL, ``synchronous=NORMAL``); a damaged file is moved aside
+    once and a fresh one created; a newer schema raises :class:`StoreVersionError`."""
+    return open_database(
+        path, migrations=_MIGRATIONS, synchronous="NORMAL", on_damage="replace", log_name="archive"
+    )
 
 
 # --------------------------------------------------------------------------- queries (any connection)
@@ -501,7 +442,7 @@ class ArchiveReader:
         if not path.is_file():
             raise ArchiveNotFoundError(f"no session archive at {path}")
         try:
-            conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
+            conn = connect_read_only(path)
         except sqlite3.Error as exc:
             raise ArchiveError(f"cannot open {path}: {exc}") from exc
         try:
@@ -595,7 +536,7 @@ class SessionArchive:
 
         try:
             await loop.run_in_executor(executor, connect)
-        except (_NewerSchema, OSError, sqlite3.Error) as exc:
+        except (StoreError, OSError, sqlite3.Error) as exc:
             executor.shutdown(wait=False)
             archive.disabled_reason = str(exc)
             log.error("archive.unavailable", path=str(archive.path), error=str(exc))

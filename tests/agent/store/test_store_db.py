@@ -26,7 +26,7 @@ from agent.store import (
     check_database,
     recover_database,
 )
-from agent.store.db import main as store_main
+from agent.store.recovery import main as store_main
 from agent.store.db import map_sqlite_error
 
 
