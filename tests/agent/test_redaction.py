@@ -94,3 +94,25 @@ def test_text_and_tree_rules() -> None:
     tree = redact_tree({"token": 5, "list": ("Bearer abcdef",), "n": 1})
     assert tree == {"token": REDACTED, "list": ("Bearer ***",), "n": 1}
     assert safe_url("https://u:p@h.example:8443/b/x?sig=1#f") == "https://h.example:8443/b/x"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("GET https://agent:s3cr3t@h.example/v1 ok", "GET https://h.example/v1 ok"),
+        ("Authorization: Bearer eyJhbGciOi.x.y", "Authorization: Bearer ***"),
+        ("proxy Basic dXNlcjpwYXNz", "proxy Basic ***"),
+        (
+            "PUT /u?X-Amz-Date=1&X-Amz-Signature=ab12&sig=cd&a=1",
+            "PUT /u?X-Amz-Date=1&X-Amz-Signature=***&sig=***&a=1",
+        ),
+        (
+            '{"event": "t", "refresh_token": "r\\"x", "n": "ok"}',
+            '{"event": "t", "refresh_token": "***", "n": "ok"}',
+        ),
+        ("login password=hunter2 user=bob", "login password=*** user=bob"),
+        ("uplink.heartbeat connector=1 state=idle", "uplink.heartbeat connector=1 state=idle"),
+    ],
+)
+def test_redact_text(text: str, expected: str) -> None:
+    assert redact_text(text) == expected
