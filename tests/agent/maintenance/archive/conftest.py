@@ -1,5 +1,4 @@
-"""The open archive fixture of the session archive tests.
-"""
+"""The open archive fixture of the session archive tests."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Shared helpers of the session archive tests.
-"""
+"""Shared helpers of the session archive tests."""
 
 from __future__ import annotations
 

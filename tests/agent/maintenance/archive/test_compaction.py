@@ -1,4 +1,5 @@
-"""Session archive compaction: tiers, stale open sessions, and the bounds on sessions, summaries and bytes.
+"""Session archive compaction: tiers, stale open sessions, and the bounds on sessions, summaries
+and bytes.
 """
 
 from __future__ import annotations

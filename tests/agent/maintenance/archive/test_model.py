@@ -1,4 +1,5 @@
-"""Session archive config: defaults follow the proposed tiers; unbounded or inconsistent values are refused.
+"""Session archive config: defaults follow the proposed tiers; unbounded or inconsistent values
+are refused.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The read-only archive reader: missing file, reading while the agent writes, listing and prefixes.
+"""The read-only archive reader: missing file, reading while the agent writes, listing and
+prefixes.
 """
 
 from __future__ import annotations

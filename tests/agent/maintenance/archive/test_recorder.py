@@ -1,5 +1,4 @@
-"""The connector recorder and the session / record summaries.
-"""
+"""The connector recorder and the session / record summaries."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The session archive's storage: WAL file, round trips, buffering, failures, disabled, newer and damaged files.
+"""The session archive's storage: WAL file, round trips, buffering, failures, disabled, newer and
+damaged files.
 """
 
 from __future__ import annotations

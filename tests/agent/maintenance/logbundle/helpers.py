@@ -1,4 +1,5 @@
-"""Shared helpers of the log bundle tests: the window, JSON log lines, building and reading a bundle, a fake ``journalctl``.
+"""Shared helpers of the log bundle tests: the window, JSON log lines, building and reading a
+bundle, a fake ``journalctl``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Log bundle: the running config is redacted, keeping its layout, or re-rendered when that cannot be proven complete.
+"""Log bundle: the running config is redacted, keeping its layout, or re-rendered when that cannot
+be proven complete.
 """
 
 from __future__ import annotations

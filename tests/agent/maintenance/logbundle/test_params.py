@@ -1,5 +1,4 @@
-"""``fetch_logs`` parameters: the 24 h default window, refusals naming the field.
-"""
+"""``fetch_logs`` parameters: the 24 h default window, refusals naming the field."""
 
 from __future__ import annotations
 
