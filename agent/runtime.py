@@ -59,6 +59,7 @@ from agent.service.snapshot import StatusProjection
 from agent.service.status import StatusWriter, status_path
 from agent.store import Store, StoreError
 from hal.interfaces import DeviceSet, Thermal
+from hal.tasks import stop_tasks
 
 log = structlog.get_logger(__name__)
 
@@ -220,9 +221,7 @@ class Agent:
             log.info("agent_stopping")
             if not lifecycle.reboot_requested:
                 await cancel_background()
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await stop_tasks(tasks)
             await hardware.stop(SHUTDOWN_STOP_REASON, suspend=lifecycle.suspend_sessions_on_stop())
             await reporter.drain()
             if self.channel is not None:

@@ -29,7 +29,8 @@ import structlog
 
 from agent.charging.config import ChargingSection, ConnectorConfig
 from agent.charging.faults import FaultBoard
-from agent.charging.session import CLEAN_STOPS, Checkpoint, Session, SessionRequest, build_record, iso, utc_now
+from agent.charging.session import CLEAN_STOPS, Checkpoint, Session, SessionRequest, build_record
+from agent.utctime import to_iso, utc_now
 from hal.interfaces import (
     Bidirectional,
     Contactor,
@@ -686,7 +687,7 @@ class Connector:
                 if r.resistance_kohm < p.isolation_fault_kohm:
                     # a failed test is the most telling point of the insulation trend
                     self.last_isolation_kohm = r.resistance_kohm
-                    self.last_isolation_at = iso(utc_now())
+                    self.last_isolation_at = to_iso(utc_now())
                     raise SessionAbort(
                         "fault",
                         f"insulation {r.resistance_kohm:.0f} kOhm below {p.isolation_fault_kohm:.0f} kOhm",
@@ -700,7 +701,7 @@ class Connector:
             if not await self._wait_for(enough_readings, p.isolation_timeout_s, energy_states):
                 raise SessionAbort("fault", "no fresh insulation readings in time", "F-0103")
             self.last_isolation_kohm = min(fresh)
-            self.last_isolation_at = iso(utc_now())
+            self.last_isolation_at = to_iso(utc_now())
         await modules.output_off()
 
         def discharged() -> bool:
@@ -862,8 +863,8 @@ class Connector:
         record = build_record(
             record_id=session.record_id,
             connector_id=self.id,
-            start_time=iso(session.start_time),
-            end_time=iso(end),
+            start_time=to_iso(session.start_time),
+            end_time=to_iso(end),
             meter_start=session.meter_start,
             meter_end=session.meter_now,
             max_power_kw=session.max_power_kw,

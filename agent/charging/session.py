@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, Literal, Mapping, Required, TypedDict
+
+from agent.utctime import parse_iso, to_iso, utc_now
 
 #: start reasons (platform-api §7.2 Project choice)
 START_REASONS = ("remote_start", "local_auth", "schedule")
@@ -66,7 +68,7 @@ def as_checkpoint(raw: Mapping[str, Any]) -> Checkpoint:
         if not isinstance(value, kinds) or isinstance(value, bool) or value == "":
             raise ValueError(f"checkpoint.{key}: expected {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
     try:
-        datetime.fromisoformat(str(raw["start_time"]).replace("Z", "+00:00"))
+        parse_iso(str(raw["start_time"]))
     except ValueError:
         raise ValueError(f"checkpoint.start_time: expected an ISO 8601 date-time, got {raw['start_time']!r}") from None
     mode = raw.get("mode", "charge")
@@ -74,15 +76,6 @@ def as_checkpoint(raw: Mapping[str, Any]) -> Checkpoint:
         raise ValueError(f"checkpoint.mode: expected 'charge' or 'discharge', got {mode!r}")
     known = Checkpoint.__annotations__.keys()
     return Checkpoint(**{k: v for k, v in raw.items() if k in known})  # type: ignore[typeddict-item]
-
-
-def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def iso(ts: datetime) -> str:
-    """UTC ISO 8601 with a trailing Z, second precision (the API's timestamp format)."""
-    return ts.astimezone(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 @dataclass
@@ -139,7 +132,7 @@ class Session:
     @classmethod
     def from_checkpoint(cls, cp: Checkpoint, request: SessionRequest, now_mono: float) -> "Session":
         """Continue a suspended session: same record, start and meter_start."""
-        start = datetime.fromisoformat(str(cp["start_time"]).replace("Z", "+00:00"))
+        start = parse_iso(str(cp["start_time"]))
         elapsed = max((utc_now() - start).total_seconds(), 0.0)
         return cls(
             connector_id=int(cp["connector_id"]),
@@ -164,14 +157,14 @@ class Session:
             "start_reason": self.request.start_reason,
             "command_id": self.request.command_id,
             "transaction_id": self.request.transaction_id,
-            "start_time": iso(self.start_time),
+            "start_time": to_iso(self.start_time),
             "meter_start": self.meter_start,
             "meter_now": self.meter_now,
             "max_power_kw": self.max_power_kw,
             "soc_start": self.soc_start,
             "soc_now": self.soc_now,
             "vin": self.vin,
-            "checkpoint_time": iso(utc_now()),
+            "checkpoint_time": to_iso(utc_now()),
         }
 
 
@@ -196,8 +189,8 @@ def build_record(
     m_start = round(meter_start, 3)
     m_end = round(max(meter_end, meter_start), 3)
     energy = round(m_end - m_start, 3)
-    t0 = datetime.fromisoformat(start_time.replace("Z", "+00:00"))
-    t1 = datetime.fromisoformat(end_time.replace("Z", "+00:00"))
+    t0 = parse_iso(start_time)
+    t1 = parse_iso(end_time)
     hours = max((t1 - t0).total_seconds(), 1.0) / 3600.0
     avg = round(min(energy / hours, max_power_kw) if max_power_kw > 0 else energy / hours, 3)
     record: dict[str, Any] = {

@@ -25,6 +25,7 @@ from agent.commands.dispatcher import CommandContext, CommandSpec
 from agent.commands.params import NoParams, Params
 from agent.charging.connector import Connector, Rejected
 from agent.maintenance.logbundle import BundleError, FetchLogsParams, UploadError
+from hal.tasks import stop_tasks
 
 log = structlog.get_logger(__name__)
 
@@ -101,10 +102,7 @@ async def cancel_background() -> None:
     A deferred ``reboot`` waiting for sessions to end must not fire because the
     shutdown itself closed those sessions.
     """
-    tasks = list(_BACKGROUND)
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await stop_tasks(list(_BACKGROUND))
 
 
 def diagnostic_specs(services: AgentServices) -> dict[str, CommandSpec]:

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, Awaitable, Callable, Literal, Protocol
 
 import structlog
 
 from agent.commands.params import Params, parse
 from agent.charging.connector import Connector, Rejected
+from agent.utctime import parse_iso, utc_now
 
 log = structlog.get_logger(__name__)
 
@@ -90,7 +91,7 @@ def _parse_expiry(value: Any) -> datetime:
     if not isinstance(value, str):
         raise ValueError("expiry: expected an ISO 8601 date-time string")
     try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        parsed = parse_iso(value)
     except ValueError:
         raise ValueError(f"expiry: expected an ISO 8601 date-time (got {value!r})") from None
     if parsed.tzinfo is None:
@@ -106,7 +107,7 @@ class Dispatcher:
         connectors: dict[int, Connector],
         specs: dict[str, CommandSpec],
         *,
-        now: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+        now: Callable[[], datetime] = utc_now,
         ready: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """``ready`` is awaited before each command (a soft reset in progress: until the

@@ -12,7 +12,8 @@ import io
 from datetime import datetime
 from typing import Final, Sequence, TextIO
 
-from agent.maintenance.archive import SAMPLE_COLUMNS, SampleRow, SessionArchive, iso_utc
+from agent.maintenance.archive import SAMPLE_COLUMNS, SampleRow, SessionArchive
+from agent.utctime import to_iso
 
 CSV_COLUMNS: Final = ("t_unix", "time_utc", *SAMPLE_COLUMNS[1:])
 #: Sessions listed when looking for those that overlap a bundle's window.
@@ -25,7 +26,7 @@ def write_csv(samples: Sequence[SampleRow], out: TextIO) -> None:
     writer.writerow(CSV_COLUMNS)
     for r in samples:
         values = (r.power_kw, r.voltage, r.current, r.soc, r.temperature, r.energy_kwh)
-        writer.writerow([f"{r.t:.3f}", iso_utc(r.t), r.resolution, *("" if v is None else f"{v:.10g}" for v in values)])
+        writer.writerow([f"{r.t:.3f}", to_iso(r.t), r.resolution, *("" if v is None else f"{v:.10g}" for v in values)])
 
 
 async def session_csv_files(

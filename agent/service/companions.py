@@ -20,6 +20,7 @@ from agent.charging.connector import Connector
 from agent.maintenance.archive import SessionArchive, SessionRecorder
 from agent.maintenance.health import ComponentHealth
 from hal.interfaces import Thermal
+from hal.tasks import stop_tasks
 
 
 class TelemetryCompanion:
@@ -50,9 +51,7 @@ class TelemetryCompanion:
         self._tasks = [asyncio.create_task(s.run(), name=f"telemetry-{cid}") for cid, s in self.samplers.items()]
 
     async def detach(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await stop_tasks(self._tasks)
         self._tasks = []
 
     def state_changed(self, connector_id: int, _state: Any) -> None:

@@ -38,6 +38,7 @@ from agent.service.sdnotify import IDLE, Watchdog, hal_probe
 from agent.store.kv import KVStore
 from hal.context import BuildContext
 from hal.interfaces import DeviceSet, Thermal
+from hal.tasks import stop_tasks
 
 log = structlog.get_logger(__name__)
 
@@ -115,8 +116,7 @@ class HardwareStack:
             _done, pending = await asyncio.wait(self._tasks, timeout=CONNECTOR_STOP_TIMEOUT_S)
             for task in pending:
                 log.error("connector_stop_timeout", task=task.get_name())
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await stop_tasks(self._tasks)
         self._tasks = []
         for companion in self.companions:  # after the connectors: sessions they ended get recorded
             try:

@@ -16,13 +16,12 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime
 from typing import Any, Callable
 
 import structlog
 
 from agent import __version__
-from agent.charging.session import iso, utc_now
+from agent.utctime import parse_iso, to_iso, utc_now
 from agent.config import AgentConfig
 from agent.firmware.boot import EXIT_UPGRADE_RESTART
 from agent.store.kv import KVStore
@@ -50,7 +49,7 @@ class Lifecycle:
 
     async def schedule_reboot(self, command_id: str) -> None:
         """Persist the pending ``completed`` report, then stop; the configured action follows."""
-        await self.kv.set(PENDING_REBOOT_KEY, {"command_id": command_id, "at": iso(utc_now())})
+        await self.kv.set(PENDING_REBOOT_KEY, {"command_id": command_id, "at": to_iso(utc_now())})
         log.warning("reboot_requested", command_id=command_id, action=self.cfg.diagnostics.reboot_action)
         self.reboot_requested = True
         self.stop_event.set()
@@ -60,7 +59,7 @@ class Lifecycle:
         pending = await self.kv.get(PENDING_REBOOT_KEY)
         if not isinstance(pending, dict) or not pending.get("command_id"):
             return
-        requested = datetime.fromisoformat(str(pending.get("at", iso(utc_now()))).replace("Z", "+00:00"))
+        requested = parse_iso(str(pending.get("at", to_iso(utc_now()))))
         downtime = round((utc_now() - requested).total_seconds(), 1)
         report(str(pending["command_id"]), "completed", "agent restarted", {"downtime_s": downtime, "version": __version__})
         await self.kv.delete(PENDING_REBOOT_KEY)

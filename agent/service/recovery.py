@@ -9,7 +9,6 @@ during recovery repeats it on the next start without a second record or status.
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime
 from typing import Iterable
 
 import structlog
@@ -17,7 +16,8 @@ import structlog
 from agent.channels.tellus.reporter import Reporter
 from agent.charging.config import ChargingSection
 from agent.charging.connector import Connector
-from agent.charging.session import as_checkpoint, utc_now
+from agent.charging.session import as_checkpoint
+from agent.utctime import parse_iso, utc_now
 from agent.store import Store
 
 log = structlog.get_logger(__name__)
@@ -45,7 +45,7 @@ async def close_open_sessions(
         connector = connectors.get(open_session.connector_id)
         suspended_at = cp.get("suspended_at")
         if suspended_at and connector is not None and policy.on_shutdown == "suspend":
-            age = (utc_now() - datetime.fromisoformat(str(suspended_at).replace("Z", "+00:00"))).total_seconds()
+            age = (utc_now() - parse_iso(str(suspended_at))).total_seconds()
             if age <= policy.resume_window_s:
                 connector.resume(cp, policy.resume_plug_wait_s)
                 log.info("session_resume_scheduled", connector=connector.id, record_id=cp.get("record_id"))

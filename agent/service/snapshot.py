@@ -18,7 +18,7 @@ from agent import __version__
 from agent.channels.tellus.channel import TellusChannel
 from agent.charging.connector import Connector
 from agent.charging.faults import FaultBoard
-from agent.charging.session import iso
+from agent.utctime import to_iso
 from agent.config import AgentConfig
 from agent.maintenance.health import ComponentHealth
 from agent.maintenance.service_mode import ServiceMode
@@ -47,7 +47,7 @@ def connector_view(c: Connector) -> dict[str, Any]:
         else {
             "record_id": s.record_id,
             "mode": s.request.mode,
-            "started_at": iso(s.start_time),
+            "started_at": to_iso(s.start_time),
             "energy_kwh": s.energy_kwh,
             "max_power_kw": s.max_power_kw,
             "soc_start": s.soc_start,

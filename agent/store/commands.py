@@ -30,13 +30,14 @@ import sqlite3
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Final, Literal, NamedTuple, TypeVar
 
 import structlog
 
 from agent.store.db import StateDB, StoreError
 from agent.store.outbox import Outbox, OutboxTxn, encode_payload
+from agent.utctime import to_iso
 
 log = structlog.get_logger(__name__)
 
@@ -78,7 +79,7 @@ class LedgerEntry:
         body: dict[str, Any] = {
             "command_id": self.command_id,
             "status": self.status,
-            "timestamp": iso_utc(self.status_at),
+            "timestamp": to_iso(self.status_at, millis=True),
         }
         if self.message is not None:
             body["message"] = self.message
@@ -106,13 +107,6 @@ class AuditEntry:
     params: dict[str, Any] | None
     outcome: str
     message: str | None
-
-
-def iso_utc(ts: float) -> str:
-    """Unix time -> ``2025-03-15T10:30:00Z`` (the platform's timestamp format)."""
-    dt = datetime.fromtimestamp(ts, UTC)
-    text = dt.isoformat(timespec="milliseconds" if dt.microsecond else "seconds")
-    return text.replace("+00:00", "Z")
 
 
 def _ts(value: float | datetime | None) -> float | None:
