@@ -135,14 +135,12 @@ class Agent:
             reporter.archive = archive
             health = ComponentHealth(store.kv, cfg.health)
             await health.load()
-            reporter.on_session_started = health.discharge.note_session_started
             telemetry = TelemetryCompanion(
                 lambda body: store.outbox.put("telemetry", body),
                 active_s=cfg.platform.telemetry_active_interval_s,
                 idle_s=cfg.platform.telemetry_idle_interval_s,
                 component_health=health.build if cfg.platform.send_component_health else None,
             )
-            reporter.on_state_change = telemetry.state_changed
 
             limits = PowerLimits(
                 store.kv,

@@ -14,112 +14,63 @@ Safety rules enforced here, none of which depends on the network:
   goes through :meth:`Connector._shutdown_output`: modules OFF, wait for the current
   to fall (bounded), contactor open confirmed by the mirror (a weld raises F-0101).
 * The control loop only reads HAL snapshots and awaits HAL actions; everything it
-  reports goes to a :class:`ConnectorListener` whose methods must not block.
+  reports is a typed event (:mod:`agent.charging.events`) published to its listeners,
+  which must not block. Readers outside the core use :meth:`Connector.snapshot`.
+
+The parts with a job of their own live beside it: the cable check
+(:mod:`~agent.charging.cable_check`), continuous fault supervision
+(:mod:`~agent.charging.supervision`), setpoint arithmetic (:mod:`~agent.charging.setpoints`).
+Why this module is still ~700 lines: it is one state machine, and its transitions
+(preparation, session step, stop, suspend, resume) are kept in one file so the safety
+order of every path -- output off before the contactor opens, mirror confirmed before
+it closes -- reads top to bottom in one place.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Sequence
 
 import structlog
 
 from agent.charging.config import ChargingSection, ConnectorConfig
 from agent.charging.faults import FaultBoard
-from agent.charging.session import CLEAN_STOPS, Checkpoint, Session, SessionRequest, build_record
+from agent.charging.events import (
+    CheckpointAbandoned,
+    CommandOutcome,
+    ConnectorEvent,
+    IsolationMeasured,
+    ConnectorListener,
+    ConnectorState,
+    SessionFinished,
+    SessionProgress,
+    SessionStarted,
+    SessionSuspended,
+    SetpointChanged,
+    StateChanged,
+    VehicleEvent,
+)
+from agent.charging.session import CLEAN_STOPS, Checkpoint, Session, SessionRequest, billed_energy
+from agent.charging.cable_check import cable_check
+from agent.charging.errors import Rejected, SessionAbort
+from agent.charging.hardware import ConnectorHardware
+from agent.charging.setpoints import ac_duty
+from agent.charging.supervision import ConnectorSupervisor
+from agent.charging.view import ConnectorSnapshot, SessionView
 from agent.utctime import to_iso, utc_now
 from hal.interfaces import (
-    Bidirectional,
-    Contactor,
     ContactorError,
-    EnergyMeter,
-    HealthState,
-    InsulationMonitor,
     PilotState,
-    PowerModules,
-    Thermal,
-    Vehicle,
     VehicleStatus,
 )
 
 log = structlog.get_logger(__name__)
 
-AC_NOMINAL_VOLTAGE = 230.0
-PILOT_ERROR_GRACE_S = 0.5
+#: re-exported: callers address the charging core through this module
+__all__ = ["Connector", "ConnectorHardware", "ConnectorListener", "ConnectorState", "Rejected", "SessionAbort"]
+
 DEFAULT_V2G_MIN_SOC = 20  # typical BMS floor (fault dictionary, F-0702)
-
-
-class ConnectorState(enum.StrEnum):
-    IDLE = "idle"
-    VEHICLE_CONNECTED = "vehicle_connected"
-    PREPARING = "preparing"
-    CHARGING = "charging"
-    DISCHARGING = "discharging"
-    FINISHING = "finishing"
-    FAULT = "fault"
-    UNAVAILABLE = "unavailable"
-
-    @property
-    def telemetry_state(self) -> str:
-        """The platform's four telemetry states (platform-api gap G7 Project choice)."""
-        if self in (ConnectorState.CHARGING, ConnectorState.DISCHARGING):
-            return self.value
-        if self in (ConnectorState.FAULT, ConnectorState.UNAVAILABLE):
-            return "fault"
-        return "idle"
-
-
-class Rejected(Exception):
-    """A request the connector will not take; the message is for the platform."""
-
-
-class SessionAbort(Exception):
-    """Ends preparation or a session early: ``stop_reason``, optional fault to raise."""
-
-    def __init__(self, stop_reason: str, message: str, fault_id: str | None = None, **details: Any) -> None:
-        super().__init__(message)
-        self.stop_reason = stop_reason
-        self.message = message
-        self.fault_id = fault_id
-        self.details = details
-
-
-class ConnectorListener(Protocol):
-    """Receives what the connector observes. Implementations must return at once."""
-
-    def state_changed(self, connector_id: int, state: ConnectorState) -> None: ...
-    def event(self, connector_id: int, event_type: str, data: dict[str, Any]) -> None: ...
-    def session_started(self, session: Session) -> None: ...
-    def session_progress(self, session: Session) -> None: ...
-    def session_suspended(self, session: Session) -> None:
-        """Energy transfer stopped for a shutdown; the session stays open for a resume."""
-        ...
-
-    def close_checkpoint(self, connector_id: int, checkpoint: Checkpoint, stop_reason: str, message: str) -> None:
-        """Close a persisted session from its checkpoint (exactly one record)."""
-        ...
-    def session_finished(self, session: Session, record: dict[str, Any], stop_event: dict[str, Any]) -> None:
-        """The record and its ``stop`` event data: persisted together, exactly once."""
-        ...
-    def command_status(
-        self, command_id: str, status: str, message: str | None = None, details: dict[str, Any] | None = None
-    ) -> None: ...
-
-
-@dataclass
-class ConnectorHardware:
-    """The HAL devices one connector uses (thermal is shared by the whole charger)."""
-
-    meter: EnergyMeter
-    contactor: Contactor
-    vehicle: Vehicle
-    modules: PowerModules | None = None
-    imd: InsulationMonitor | None = None
-    thermal: Thermal | None = None
-    bidirectional: Bidirectional | None = None
 
 
 class Connector:
@@ -131,10 +82,8 @@ class Connector:
         hardware: ConnectorHardware,
         policy: ChargingSection,
         faults: FaultBoard,
-        listener: ConnectorListener,
+        listeners: ConnectorListener | Sequence[ConnectorListener] = (),
         *,
-        cdr_extensions: bool = True,
-        send_vin: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
@@ -142,10 +91,11 @@ class Connector:
         self.hw = hardware
         self.policy = policy
         self.faults = faults
-        self.listener = listener
-        self.cdr_extensions = cdr_extensions
-        self.send_vin = send_vin
+        self.listeners: list[ConnectorListener] = (
+            list(listeners) if isinstance(listeners, (list, tuple)) else [listeners]  # type: ignore[list-item]
+        )
         self.clock = clock
+        self.supervisor = ConnectorSupervisor(self.id, hardware, policy, faults, config.outlet_sensor, clock)
         self.state = ConnectorState.IDLE
         self.session: Session | None = None
         self.limits: dict[str, float] = {}  # source -> kW (set_power_limit, schedule, ...)
@@ -156,20 +106,70 @@ class Connector:
         self._current_setpoint = 0.0
         self._last_setpoint_sent = (-1.0, -1.0, 0.0)
         self._last_checkpoint = 0.0
-        self._meter_bad_since: float | None = None
-        self._mirror_closed_since: float | None = None
-        self._pilot_bad_since: float | None = None
-        self._implausible_since: float | None = None
         self._suspending = False
         self._resume: tuple[Checkpoint, float] | None = None
-        self._latched: set[str] = set()  # faults found by a session procedure: cleared at plug-out
         self.last_isolation_kohm: float | None = None
         self.last_isolation_at: str | None = None
-        self._imd_bad_since: float | None = None
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
         self.last_error: str | None = None
         self.ticks = 0  # control-loop iterations: the systemd watchdog's progress signal
+
+    # ------------------------------------------------------------------ read-only view
+
+    def snapshot(self) -> ConnectorSnapshot:
+        """One consistent, immutable picture of this connector (see :mod:`agent.charging.view`)."""
+        s = self.session
+        thermal, sensor = self.hw.thermal, self.config.outlet_sensor
+        outlet = thermal.temperatures().get(sensor) if thermal is not None and sensor else None
+        vehicle = self.hw.vehicle.status()
+        return ConnectorSnapshot(
+            id=self.id,
+            kind=self.config.kind,
+            state=self.state,
+            plugged=vehicle.plugged,
+            meter=self.hw.meter.reading(),
+            vehicle=vehicle,
+            contactor=self.hw.contactor.status(),
+            outlet_temperature=outlet,
+            session=None
+            if s is None
+            else SessionView(
+                record_id=s.record_id,
+                mode=s.request.mode,
+                start_time=s.start_time,
+                energy_kwh=s.energy_kwh,
+                max_power_kw=s.max_power_kw,
+                soc_start=s.soc_start,
+                transaction_id=s.request.transaction_id,
+            ),
+            limit_kw=self.effective_limit_kw(),
+            unavailable_reason=self._unavailable_reason,
+            last_error=self.last_error,
+            last_isolation_kohm=self.last_isolation_kohm,
+            last_isolation_at=self.last_isolation_at,
+        )
+
+    # ------------------------------------------------------------------ listeners
+
+    def add_listener(self, listener: ConnectorListener) -> None:
+        """Subscribe ``listener`` to this connector's events (from the next event on)."""
+        self.listeners.append(listener)
+
+    def remove_listener(self, listener: ConnectorListener) -> None:
+        if listener in self.listeners:
+            self.listeners.remove(listener)
+
+    def _publish(self, event: ConnectorEvent) -> None:
+        """Hand ``event`` to every listener; one that raises is logged and skipped."""
+        for listener in list(self.listeners):
+            try:
+                listener.connector_event(event)
+            except Exception:
+                log.exception("connector_listener_failed", connector=self.id, listener=type(listener).__name__, kind=type(event).__name__)
+
+    def _command(self, command_id: str, status: str, message: str | None = None, details: dict[str, Any] | None = None) -> None:
+        self._publish(CommandOutcome(command_id, status, message, details))
 
     # ------------------------------------------------------------------ requests
 
@@ -210,9 +210,9 @@ class Connector:
         if self._pending is not None and self.state is ConnectorState.VEHICLE_CONNECTED:
             pending, self._pending = self._pending, None
             if pending.command_id:
-                self.listener.command_status(pending.command_id, "failed", "pre-empted by stop_charging")
+                self._command(pending.command_id, "failed", "pre-empted by stop_charging")
             if command_id:
-                self.listener.command_status(command_id, "completed", "armed session cancelled")
+                self._command(command_id, "completed", "armed session cancelled")
             return
         if not self.in_session():
             raise Rejected(f"no active session on connector {self.id}")
@@ -343,12 +343,12 @@ class Connector:
     def _set_state(self, state: ConnectorState) -> None:
         if state is not self.state:
             log.info("connector_state", connector=self.id, old=self.state.value, new=state.value)
-            self.state = state
-            self.listener.state_changed(self.id, state)
+            old, self.state = self.state, state
+            self._publish(StateChanged(self.id, old, state))
 
     async def _step(self) -> None:
         status = self.hw.vehicle.status()
-        self._evaluate_faults(status)
+        self.supervisor.evaluate(status)
         self._track_plug(status)
         if self.state is ConnectorState.UNAVAILABLE:
             return
@@ -397,120 +397,25 @@ class Connector:
         elif self.clock() >= deadline:
             self._resume = None
             reason = "shutdown" if self._plugged else "ev_disconnected"
-            self.listener.close_checkpoint(self.id, checkpoint, reason, "suspended session not resumed")
+            self._publish(CheckpointAbandoned(self.id, checkpoint, reason, "suspended session not resumed"))
 
     def _fail_pending(self, message: str) -> None:
         pending, self._pending = self._pending, None
         if pending is not None and pending.command_id:
-            self.listener.command_status(pending.command_id, "failed", message)
-
-    def _abort_on_blocking_faults(self) -> None:
-        """Abort when a blocking fault is active; this connector's ones stay latched until plug-out."""
-        blocking = self.faults.blocking(self.id)
-        if blocking:
-            for f in blocking:
-                if f.connector_id == self.id:
-                    self._latched.add(f.fault_id)
-            raise SessionAbort("fault", "fault active: " + ", ".join(sorted({f.fault_id for f in blocking})))
-
-    def _latch(self, fault_id: str, details: dict[str, Any]) -> None:
-        """Raise a fault found by a session procedure; it stays until the vehicle is unplugged."""
-        self._latched.add(fault_id)
-        self.faults.raise_(fault_id, self.id, **details)
+            self._command(pending.command_id, "failed", message)
 
     def _track_plug(self, status: VehicleStatus) -> None:
         plugged = status.plugged
         if plugged and not self._plugged:
             self._plugged = True
             self.faults.clear("F-0805", self.id)
-            self.listener.event(self.id, "plug_in", {"vehicle_connected": True})
+            self._publish(VehicleEvent(self.id, "plug_in", {"vehicle_connected": True}))
         elif not plugged and self._plugged and status.pilot is PilotState.A:
             self._plugged = False
-            self.listener.event(self.id, "plug_out", {"vehicle_connected": False})
-            for fault_id in sorted(self._latched):
-                if fault_id != "F-0101":  # a weld needs service, not a new vehicle
-                    self.faults.clear(fault_id, self.id)
-            self._latched.clear()
+            self._publish(VehicleEvent(self.id, "plug_out", {"vehicle_connected": False}))
+            self.supervisor.clear_latched()
 
     # ------------------------------------------------------------------ faults
-
-    def _set_fault(self, fault_id: str, connector_id: int, active: bool, **details: Any) -> None:
-        """Raise or clear a continuously evaluated fault; latched faults are not cleared here."""
-        if active:
-            self.faults.raise_(fault_id, connector_id, **details)
-        elif fault_id not in self._latched:
-            self.faults.clear(fault_id, connector_id)
-
-    def _evaluate_faults(self, status: VehicleStatus) -> None:
-        now = self.clock()
-        cid = self.id
-        contactor = self.hw.contactor.status()
-        # coil off but the mirror says "closed": a main pole is stuck, by definition a weld
-        stuck = not contactor.coil_energised and not contactor.mirror_says_open
-        if stuck and self._mirror_closed_since is None:
-            self._mirror_closed_since = now
-        if not stuck:
-            self._mirror_closed_since = None
-        stuck_long = self._mirror_closed_since is not None and now - self._mirror_closed_since >= 0.3
-        if contactor.welded or stuck_long:
-            self.faults.raise_("F-0101", cid, connector=cid, mirror_says_open=contactor.mirror_says_open)
-        else:
-            self._set_fault("F-0101", cid, False)
-        self._set_fault("F-0422", cid, contactor.health.code == "mirror_mismatch", detail=contactor.health.detail)
-        pilot_bad = status.pilot in (PilotState.E, PilotState.UNKNOWN) or (
-            status.pilot is PilotState.F and status.pwm_duty_percent > 0
-        )
-        # a pilot reading that is briefly unknown (start-up debounce, a transition
-        # between windows) is not an error; one that stays so is
-        if pilot_bad and self._pilot_bad_since is None:
-            self._pilot_bad_since = now
-        if not pilot_bad:
-            self._pilot_bad_since = None
-        pilot_error = self._pilot_bad_since is not None and now - self._pilot_bad_since >= PILOT_ERROR_GRACE_S
-        self._set_fault("F-0801", cid, pilot_error, pilot=status.pilot.value, detail=status.health.detail)
-
-        meter_health = self.hw.meter.health()
-        meter_bad = self.hw.meter.reading() is None
-        if meter_bad and self._meter_bad_since is None:
-            self._meter_bad_since = now
-        if not meter_bad:
-            self._meter_bad_since = None
-        lost = self._meter_bad_since is not None and now - self._meter_bad_since >= self.policy.meter_loss_grace_s
-        frozen = meter_health.code == "meter_frozen"
-        self._set_fault("F-0452", cid, frozen, detail=meter_health.detail)
-        self._set_fault("F-0451", cid, lost and not frozen, detail=meter_health.detail or meter_health.state.value)
-
-        if self.hw.modules is not None:
-            modules = self.hw.modules.modules()
-            offline = [m.address for m in modules if not m.online]
-            self._set_fault("F-0411", cid, bool(offline) and len(offline) < len(modules), modules=offline)
-            self._set_fault("F-0412", cid, bool(modules) and len(offline) == len(modules), modules=offline)
-            alarms = {m.address: sorted(m.flags) for m in modules if m.health.state is HealthState.FAULT}
-            self._set_fault("F-0413", cid, bool(alarms), modules=alarms)
-
-        if self.hw.imd is not None:
-            reading = self.hw.imd.reading()
-            if reading is None or reading.resistance_kohm is None and not reading.testing:
-                if self._imd_bad_since is None:
-                    self._imd_bad_since = now
-            else:
-                self._imd_bad_since = None
-            imd_lost = self._imd_bad_since is not None and now - self._imd_bad_since >= self.policy.imd_loss_grace_s
-            self._set_fault("F-0103", cid, imd_lost, detail=self.hw.imd.health().detail)
-            if reading is not None and reading.resistance_kohm is not None:
-                limit = self.policy.isolation_fault_kohm
-                if reading.resistance_kohm < limit:
-                    self.faults.raise_("F-0102", cid, resistance_kohm=round(reading.resistance_kohm, 1), limit_kohm=limit)
-                elif reading.resistance_kohm > limit * 1.2:
-                    self._set_fault("F-0102", cid, False)
-
-        if self.hw.thermal is not None and self.config.outlet_sensor:
-            t = self.hw.thermal.temperatures().get(self.config.outlet_sensor)
-            if t is not None and t.celsius is not None:
-                if t.celsius >= self.policy.connector_warning_c:
-                    self.faults.raise_("F-0203", cid, temperature=round(t.celsius, 1), threshold=self.policy.connector_warning_c)
-                elif t.celsius < self.policy.connector_warning_c - 5.0:
-                    self.faults.clear("F-0203", cid)
 
     # ------------------------------------------------------------------ preparing
 
@@ -522,14 +427,14 @@ class Connector:
         except SessionAbort as abort:
             await self._shutdown_output()
             if abort.fault_id:
-                self._latch(abort.fault_id, abort.details)
+                self.supervisor.latch(abort.fault_id, abort.details)
             if self._stop is not None and self._stop[1]:
-                self.listener.command_status(self._stop[1], "completed", "armed session cancelled")
+                self._command(self._stop[1], "completed", "armed session cancelled")
             self._stop = None
             if request.resume is not None:
-                self.listener.close_checkpoint(self.id, request.resume, abort.stop_reason, abort.message)
+                self._publish(CheckpointAbandoned(self.id, request.resume, abort.stop_reason, abort.message))
             elif request.command_id:
-                self.listener.command_status(request.command_id, "failed", abort.message)
+                self._command(request.command_id, "failed", abort.message)
             log.warning("session_not_started", connector=self.id, reason=abort.message)
             self._set_state(ConnectorState.VEHICLE_CONNECTED if self._plugged else ConnectorState.IDLE)
             return
@@ -554,8 +459,8 @@ class Connector:
             )
         self._last_checkpoint = self.clock()
         self._set_state(ConnectorState.DISCHARGING if discharge else ConnectorState.CHARGING)
-        self.listener.session_started(self.session)
-        self.listener.event(self.id, "start", {"reason": request.start_reason})
+        self._publish(SessionStarted(self.session))
+        self._publish(VehicleEvent(self.id, "start", {"reason": request.start_reason}))
         log.info("session_started", connector=self.id, record_id=self.session.record_id, mode=request.mode, meter_start=self.session.meter_start)
 
     def _abort_check(self, allow_pilot: tuple[PilotState, ...]) -> VehicleStatus:
@@ -567,7 +472,7 @@ class Connector:
             raise SessionAbort("ev_disconnected", "vehicle unplugged during preparation")
         if status.pilot not in allow_pilot:
             raise SessionAbort("fault", f"control pilot in state {status.pilot.value}", "F-0801", pilot=status.pilot.value)
-        self._abort_on_blocking_faults()
+        self.supervisor.abort_on_blocking_faults()
         return status
 
     async def _wait_for(
@@ -575,7 +480,7 @@ class Connector:
     ) -> bool:
         deadline = self.clock() + timeout
         while True:
-            self._evaluate_faults(self.hw.vehicle.status())
+            self.supervisor.evaluate(self.hw.vehicle.status())
             self._abort_check(allow_pilot)
             if condition():
                 return True
@@ -602,7 +507,7 @@ class Connector:
                 raise SessionAbort("fault", f"output at {voltage:.0f} V before the session", "F-0802", voltage=voltage)
             await self.hw.vehicle.set_pwm_duty(5.0)
         else:
-            await self.hw.vehicle.set_pwm_duty(self._ac_duty(self.effective_limit_kw()))
+            await self.hw.vehicle.set_pwm_duty(ac_duty(self.config.max_current_a, self.config.phases, self.effective_limit_kw()))
         if not await self._wait_for(
             lambda: self.hw.vehicle.status().ev_ready, self.policy.ev_ready_timeout_s, ready_states
         ):
@@ -643,73 +548,24 @@ class Connector:
         raise SessionAbort("fault", "vehicle gave no V2G consent (no HLC discharge data)")
 
     async def _cable_check(self, energy_states: tuple[PilotState, ...]) -> None:
-        """IEC 61851-23 cable check with the contactor open; raises SessionAbort on failure."""
-        modules, imd, p = self.hw.modules, self.hw.imd, self.policy
-        assert modules is not None
-        status = self.hw.vehicle.status()
-        if status.target_voltage is None:
-            raise SessionAbort("fault", "vehicle sent no target voltage (no HLC data)")
-        check_v = min(p.cable_check_voltage_v, self.config.max_voltage_v)
-        await modules.set_output(check_v, p.cable_check_current_a)
-        await modules.output_on()
+        """IEC 61851-23 cable check with the contactor open (:mod:`agent.charging.cable_check`)."""
 
-        def voltage_reached() -> bool:
-            v = modules.measured_voltage()
-            return v is not None and abs(v - check_v) <= 0.1 * check_v
-
-        if not await self._wait_for(voltage_reached, p.voltage_settle_timeout_s, energy_states):
-            raise SessionAbort("fault", f"cable-check voltage {check_v:.0f} V not reached")
-        if imd is None:
-            log.warning("no_imd_configured", connector=self.id)
-        else:
-            if p.imd_self_test:
-                result = await imd.self_test()
-                self._abort_check(energy_states)
-                if not result.passed:
-                    raise SessionAbort("fault", f"IMD self test failed: {result.detail}", "F-0104", detail=result.detail)
-            applied_at = self.clock()
-            fresh: list[float] = []
-            seen: set[float] = set()
-            last_ok = self.clock()
-
-            def enough_readings() -> bool:
-                nonlocal last_ok
-                r = imd.reading()
-                now = self.clock()
-                if r is None or (r.resistance_kohm is None and not r.testing):
-                    if now - last_ok > p.imd_loss_grace_s:
-                        raise SessionAbort("fault", "insulation monitor stopped reporting", "F-0103")
-                    return False
-                last_ok = now
-                if r.resistance_kohm is None or r.taken_at in seen or r.taken_at < applied_at + p.isolation_grace_s:
-                    return False
-                seen.add(r.taken_at)
-                if r.resistance_kohm < p.isolation_fault_kohm:
-                    # a failed test is the most telling point of the insulation trend
-                    self.last_isolation_kohm = r.resistance_kohm
-                    self.last_isolation_at = to_iso(utc_now())
-                    raise SessionAbort(
-                        "fault",
-                        f"insulation {r.resistance_kohm:.0f} kOhm below {p.isolation_fault_kohm:.0f} kOhm",
-                        "F-0102",
-                        resistance_kohm=round(r.resistance_kohm, 1),
-                        limit_kohm=p.isolation_fault_kohm,
-                    )
-                fresh.append(r.resistance_kohm)
-                return len(fresh) >= p.isolation_readings
-
-            if not await self._wait_for(enough_readings, p.isolation_timeout_s, energy_states):
-                raise SessionAbort("fault", "no fresh insulation readings in time", "F-0103")
-            self.last_isolation_kohm = min(fresh)
+        def isolation_measured(kohm: float) -> None:
+            self.last_isolation_kohm = kohm
             self.last_isolation_at = to_iso(utc_now())
-        await modules.output_off()
+            passed = kohm >= self.policy.isolation_fault_kohm
+            self._publish(IsolationMeasured(self.id, kohm, self.last_isolation_at, passed))
 
-        def discharged() -> bool:
-            v = modules.measured_voltage()
-            return v is not None and v < p.safe_voltage_v
-
-        if not await self._wait_for(discharged, p.voltage_settle_timeout_s, energy_states):
-            raise SessionAbort("fault", "output did not discharge below the safe voltage", "F-0802")
+        await cable_check(
+            self.hw,
+            self.policy,
+            max_voltage_v=self.config.max_voltage_v,
+            connector_id=self.id,
+            clock=self.clock,
+            wait_for=lambda condition, timeout: self._wait_for(condition, timeout, energy_states),
+            abort_check=lambda: self._abort_check(energy_states),
+            isolation_measured=isolation_measured,
+        )
 
     # ------------------------------------------------------------------ charging
 
@@ -722,7 +578,7 @@ class Connector:
             raise SessionAbort("ev_disconnected", "vehicle unplugged during the session")
         if status.pilot in (PilotState.E, PilotState.F) or self.faults.is_active("F-0801", self.id):
             raise SessionAbort("fault", f"control pilot in state {status.pilot.value}", "F-0801", pilot=status.pilot.value)
-        self._abort_on_blocking_faults()
+        self.supervisor.abort_on_blocking_faults()
         if self._stop is not None:
             reason, _command = self._stop
             raise SessionAbort(reason, "stop requested")
@@ -747,16 +603,16 @@ class Connector:
         if reading is not None:
             register = reading.energy_export_kwh if request.mode == "discharge" else reading.energy_import_kwh
             session.observe(register, reading.power_kw, status.soc)
-        self._check_meter_plausible(reading, now)
+        self.supervisor.check_meter_plausible(reading, now)
         if now - self._last_checkpoint >= self.policy.progress_persist_s:
             self._last_checkpoint = now
-            self.listener.session_progress(session)
+            self._publish(SessionProgress(session))
         if request.mode == "discharge":
             await self._discharge_setpoint(status, request)
         elif self.is_dc:
             await self._dc_setpoint(status)
         else:
-            await self.hw.vehicle.set_pwm_duty(self._ac_duty(self.effective_limit_kw()))
+            await self.hw.vehicle.set_pwm_duty(ac_duty(self.config.max_current_a, self.config.phases, self.effective_limit_kw()))
 
     async def _dc_setpoint(self, status: VehicleStatus) -> None:
         modules = self.hw.modules
@@ -781,39 +637,9 @@ class Connector:
         now = self.clock()
         if abs(last_v - voltage) > 1.0 or abs(last_i - self._current_setpoint) > 0.5 or now - last_t > 2.0:
             await modules.set_output(float(voltage), self._current_setpoint)
+            if abs(last_v - voltage) > 1.0 or abs(last_i - self._current_setpoint) > 0.5:
+                self._publish(SetpointChanged(self.id, float(voltage), self._current_setpoint))
             self._last_setpoint_sent = (float(voltage), self._current_setpoint, now)
-
-    def _check_meter_plausible(self, reading: Any, now: float) -> None:
-        """DC: the meter must see roughly what the modules deliver.
-
-        A meter that froze while idle keeps repeating "0 kW" and a constant register;
-        the meter driver cannot tell that from an idle meter. While the modules measure
-        >= 10 A, a meter power below 20 % of the modules' V x I for
-        ``meter_plausibility_s`` raises F-0452 and ends the session (it cannot be billed).
-        """
-        modules = self.hw.modules
-        if modules is None or reading is None:
-            self._implausible_since = None
-            return
-        current, voltage = modules.measured_current(), modules.measured_voltage()
-        if current is None or voltage is None or abs(current) < 10.0 or voltage < 50.0:
-            self._implausible_since = None
-            return
-        expected_kw = abs(current) * voltage / 1000.0
-        if abs(reading.power_kw) >= 0.2 * expected_kw:
-            self._implausible_since = None
-            return
-        if self._implausible_since is None:
-            self._implausible_since = now
-        if now - self._implausible_since >= self.policy.meter_plausibility_s:
-            self._implausible_since = None
-            raise SessionAbort(
-                "fault",
-                f"meter reads {reading.power_kw:.1f} kW while the modules deliver {expected_kw:.1f} kW",
-                "F-0452",
-                meter_kw=round(reading.power_kw, 2),
-                modules_kw=round(expected_kw, 2),
-            )
 
     async def _discharge_setpoint(self, status: VehicleStatus, request: SessionRequest) -> None:
         modules, stage = self.hw.modules, self.hw.bidirectional
@@ -830,21 +656,12 @@ class Connector:
             await stage.discharge(float(voltage), power)
             self._last_setpoint_sent = (float(voltage), power, now)
 
-    def _ac_duty(self, limit_kw: float) -> float:
-        """PWM duty offering min(max current, limit) per IEC 61851-1 (100 % = no offer)."""
-        amps = min(self.config.max_current_a, limit_kw * 1000.0 / (AC_NOMINAL_VOLTAGE * self.config.phases))
-        if amps < 6.0:
-            return 100.0
-        if amps <= 51.0:
-            return round(amps / 0.6, 1)
-        return round(min(amps, 80.0) / 2.5 + 64.0, 1)
-
     # ------------------------------------------------------------------ stopping
 
     async def _end_session(self, stop_reason: str, message: str, fault_id: str | None, details: dict[str, Any]) -> None:
         """Bring the output to a safe state, then close the session's record and commands."""
         if fault_id:
-            self._latch(fault_id, details)
+            self.supervisor.latch(fault_id, details)
         session = self.session
         if session is None:
             await self._shutdown_output()
@@ -860,39 +677,24 @@ class Connector:
             session.observe(register, reading.power_kw, self.hw.vehicle.status().soc)
         session.stop_reason = stop_reason
         end = utc_now()
-        record = build_record(
-            record_id=session.record_id,
-            connector_id=self.id,
-            start_time=to_iso(session.start_time),
-            end_time=to_iso(end),
-            meter_start=session.meter_start,
-            meter_end=session.meter_now,
-            max_power_kw=session.max_power_kw,
-            soc_start=session.soc_start,
-            soc_end=session.soc_now,
-            stop_reason=stop_reason,
-            transaction_id=session.request.transaction_id,
-            mode=session.request.mode,
-            vin=session.vin if self.send_vin else None,
-            extensions=self.cdr_extensions,
-        )
         self.session = None
-        self.listener.session_finished(session, record, {"reason": stop_reason})
+        self._publish(SessionFinished(session, end, stop_reason, message, fault_id))
+        energy = billed_energy(session.meter_start, session.meter_now)
         duration = int(self.clock() - session.started_mono)
         if session.request.command_id:
             clean = stop_reason in CLEAN_STOPS and fault_id is None
-            self.listener.command_status(
+            self._command(
                 session.request.command_id,
                 "completed" if clean else "failed",
                 ("Discharge finished" if session.request.mode == "discharge" else "Charging finished")
                 if clean
                 else f"session ended: {stop_reason} ({message})",
-                {"energy_delivered": record["energy"], "duration": duration, "stop_reason": stop_reason},
+                {"energy_delivered": energy, "duration": duration, "stop_reason": stop_reason},
             )
         if self._stop is not None and self._stop[1]:
-            self.listener.command_status(self._stop[1], "completed", "Charging stopped", {"energy_delivered": record["energy"]})
+            self._command(self._stop[1], "completed", "Charging stopped", {"energy_delivered": energy})
         self._stop = None
-        log.info("session_finished", connector=self.id, record_id=session.record_id, reason=stop_reason, energy=record["energy"])
+        log.info("session_finished", connector=self.id, record_id=session.record_id, reason=stop_reason, energy=energy)
         self._set_state(ConnectorState.VEHICLE_CONNECTED if self._plugged else ConnectorState.IDLE)
 
     def _suspend_session(self, session: Session) -> None:
@@ -903,7 +705,7 @@ class Connector:
             session.observe(register, reading.power_kw, self.hw.vehicle.status().soc)
         self.session = None
         self._stop = None
-        self.listener.session_suspended(session)
+        self._publish(SessionSuspended(session))
         log.info("session_suspended", connector=self.id, record_id=session.record_id)
         self._set_state(ConnectorState.VEHICLE_CONNECTED if self._plugged else ConnectorState.IDLE)
 

@@ -168,6 +168,33 @@ class Session:
         }
 
 
+def billed_energy(meter_start: float, meter_end: float) -> float:
+    """kWh as billed: rounded registers, never negative (``meter_end`` below the start counts as 0)."""
+    m_start = round(meter_start, 3)
+    return round(round(max(meter_end, meter_start), 3) - m_start, 3)
+
+
+def record_of(session: Session, ended_at: datetime, *, extensions: bool = True, send_vin: bool = False) -> dict[str, Any]:
+    """The charging record of a finished session (``stop_reason`` set) ended at ``ended_at``."""
+    assert session.stop_reason is not None, "record_of needs a finished session"
+    return build_record(
+        record_id=session.record_id,
+        connector_id=session.connector_id,
+        start_time=to_iso(session.start_time),
+        end_time=to_iso(ended_at),
+        meter_start=session.meter_start,
+        meter_end=session.meter_now,
+        max_power_kw=session.max_power_kw,
+        soc_start=session.soc_start,
+        soc_end=session.soc_now,
+        stop_reason=session.stop_reason,
+        transaction_id=session.request.transaction_id,
+        mode=session.request.mode,
+        vin=session.vin if send_vin else None,
+        extensions=extensions,
+    )
+
+
 def build_record(
     *,
     record_id: str,
@@ -188,7 +215,7 @@ def build_record(
     """The ChargingRecordUpload body. ``energy`` = rounded ``meter_end - meter_start``."""
     m_start = round(meter_start, 3)
     m_end = round(max(meter_end, meter_start), 3)
-    energy = round(m_end - m_start, 3)
+    energy = billed_energy(meter_start, meter_end)
     t0 = parse_iso(start_time)
     t1 = parse_iso(end_time)
     hours = max((t1 - t0).total_seconds(), 1.0) / 3600.0

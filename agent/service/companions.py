@@ -17,6 +17,7 @@ from typing import Any, Awaitable, Callable
 
 from agent.channels.tellus.telemetry import TelemetrySampler
 from agent.charging.connector import Connector
+from agent.charging.events import ConnectorEvent, SessionStarted, StateChanged
 from agent.maintenance.archive import SessionArchive, SessionRecorder
 from agent.maintenance.health import ComponentHealth
 from hal.interfaces import Thermal
@@ -42,6 +43,8 @@ class TelemetryCompanion:
         self._tasks: list[asyncio.Task[Any]] = []
 
     async def attach(self, connectors: dict[int, Connector], thermal: Thermal | None) -> None:
+        for connector in connectors.values():
+            connector.add_listener(self)
         self.samplers = {
             cid: TelemetrySampler(
                 c, self.put, active_s=self.active_s, idle_s=self.idle_s, component_health=self.component_health
@@ -54,11 +57,12 @@ class TelemetryCompanion:
         await stop_tasks(self._tasks)
         self._tasks = []
 
-    def state_changed(self, connector_id: int, _state: Any) -> None:
+    def connector_event(self, event: ConnectorEvent) -> None:
         """A connector changed state: sample it now rather than at the next interval."""
-        sampler = self.samplers.get(connector_id)
-        if sampler is not None:
-            sampler.state_changed()
+        if isinstance(event, StateChanged):
+            sampler = self.samplers.get(event.connector_id)
+            if sampler is not None:
+                sampler.state_changed()
 
 
 class ArchiveCompanion:
@@ -82,7 +86,7 @@ class ArchiveCompanion:
 
 
 class HealthCompanion:
-    """Persists component-health counters of the connectors when they go away."""
+    """Counts discharge sessions for component health; persists its counters when the connectors go."""
 
     def __init__(self, health: ComponentHealth) -> None:
         self.health = health
@@ -90,6 +94,12 @@ class HealthCompanion:
 
     async def attach(self, connectors: dict[int, Connector], thermal: Thermal | None) -> None:
         self._connectors = list(connectors.values())
+        for connector in self._connectors:
+            connector.add_listener(self)
+
+    def connector_event(self, event: ConnectorEvent) -> None:
+        if isinstance(event, SessionStarted):
+            self.health.discharge.note_session_started(event.session)
 
     async def detach(self) -> None:
         await self.health.sync(self._connectors)

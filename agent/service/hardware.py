@@ -28,7 +28,8 @@ from typing import Any, Callable, Protocol
 
 import structlog
 
-from agent.charging.connector import Connector, ConnectorHardware, ConnectorListener
+from agent.charging.connector import Connector, ConnectorHardware
+from agent.charging.events import ConnectorListener
 from agent.charging.faults import FaultBoard
 from agent.config import AgentConfig
 from agent.maintenance.calibration import CalibratedThermal, Calibration
@@ -48,7 +49,9 @@ CONNECTOR_STOP_TIMEOUT_S = 20.0
 
 
 class Companion(Protocol):
-    """Work bound to one build of the connectors. ``detach`` must return within seconds."""
+    """Work bound to one build of the connectors (it may subscribe to their events on attach).
+
+    ``detach`` must return within seconds."""
 
     async def attach(self, connectors: dict[int, Connector], thermal: Thermal | None) -> None: ...
     async def detach(self) -> None: ...
@@ -202,15 +205,7 @@ class HardwareStack:
                 thermal=self.thermal,
                 bidirectional=d.bidirectional.get(conn.id),
             )
-            self.connectors[conn.id] = Connector(
-                conn,
-                hw,
-                self.cfg.charging,
-                self.faults,
-                self.listener,
-                cdr_extensions=self.cfg.platform.cdr_extensions,
-                send_vin=self.cfg.platform.send_vin,
-            )
+            self.connectors[conn.id] = Connector(conn, hw, self.cfg.charging, self.faults, [self.listener])
         if self.on_built is not None:
             self.on_built()
 

@@ -53,7 +53,7 @@ async def close_open_sessions(
         meter_end = None
         if connector is not None:
             for _ in range(FIRST_READING_TRIES):
-                reading = connector.hw.meter.reading()
+                reading = connector.snapshot().meter
                 if reading is not None:
                     meter_end = reading.energy_export_kwh if cp.get("mode") == "discharge" else reading.energy_import_kwh
                     break

@@ -2,8 +2,8 @@
 
 :class:`StatusProjection` turns the connectors, fault board, component health, channel
 and outbox into the plain input of :func:`agent.service.status.build_status` (the
-contract of every key lives there). It only reads: it never awaits, never touches a
-driver beyond its cached snapshot (``reading()``, ``status()``), and a part that is not
+contract of every key lives there). It only reads: it never awaits, reads each
+connector through its read-only :meth:`~agent.charging.connector.Connector.snapshot`, and a part that is not
 built yet is shown as absent. :meth:`systemd_status` turns the same snapshot into the
 one-line ``STATUS=`` for ``systemctl status``.
 """
@@ -18,6 +18,7 @@ from agent import __version__
 from agent.channels.tellus.channel import TellusChannel
 from agent.charging.connector import Connector
 from agent.charging.faults import FaultBoard
+from agent.charging.view import ConnectorSnapshot
 from agent.utctime import to_iso
 from agent.config import AgentConfig
 from agent.maintenance.health import ComponentHealth
@@ -27,26 +28,24 @@ from agent.service.status import build_status, fault_entry
 from agent.store import Store
 
 
-def connector_view(c: Connector) -> dict[str, Any]:
+def connector_view(c: ConnectorSnapshot) -> dict[str, Any]:
     """One connector as the status snapshot shows it."""
-    reading = c.hw.meter.reading()
-    vehicle = c.hw.vehicle.status()
     s = c.session
     return {
         "id": c.id,
-        "kind": c.config.kind,
+        "kind": c.kind,
         "state": c.state.value,
-        "plugged": vehicle.plugged,
-        "power_kw": reading.power_kw if reading is not None else None,
-        "soc": vehicle.soc,
-        "limit_kw": c.effective_limit_kw(),
+        "plugged": c.plugged,
+        "power_kw": c.meter.power_kw if c.meter is not None else None,
+        "soc": c.vehicle.soc,
+        "limit_kw": c.limit_kw,
         "unavailable_reason": c.unavailable_reason,
         "last_error": c.last_error,
         "session": None
         if s is None
         else {
             "record_id": s.record_id,
-            "mode": s.request.mode,
+            "mode": s.mode,
             "started_at": to_iso(s.start_time),
             "energy_kwh": s.energy_kwh,
             "max_power_kw": s.max_power_kw,
@@ -84,7 +83,7 @@ class StatusProjection:
         uplink = channel.status() if channel is not None else {"enabled": self.cfg.platform.enabled, "online": False}
         return build_status(
             agent_version=__version__,
-            connectors=[connector_view(c) for c in self.connectors.values()],
+            connectors=[connector_view(c.snapshot()) for c in self.connectors.values()],
             faults=[fault_entry(f.fault_id, f.connector_id, since=f.raised_at, details=f.details) for f in self.faults.active()],
             component_health={c.id: self.health.build(c) for c in self.connectors.values()},
             uplink=uplink,

@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.charging import events as ev
+from agent.charging.session import record_of
 from hal.interfaces import (
     OK,
     BidirectionalStatus,
@@ -272,6 +274,8 @@ class FakeBidirectional:
 
 @dataclass
 class RecordingListener:
+    """Records what a connector publishes; builds each record as the reporter would."""
+
     states: list[str] = field(default_factory=list)
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     records: list[dict[str, Any]] = field(default_factory=list)
@@ -279,31 +283,27 @@ class RecordingListener:
     progress: int = 0
     suspended: list[dict[str, Any]] = field(default_factory=list)
     closed: list[tuple[dict[str, Any], str]] = field(default_factory=list)
+    setpoints: list[tuple[float | None, float | None]] = field(default_factory=list)
 
-    def state_changed(self, connector_id: int, state: Any) -> None:
-        self.states.append(str(state))
-
-    def event(self, connector_id: int, event_type: str, data: dict[str, Any]) -> None:
-        self.events.append((event_type, data))
-
-    def session_started(self, session: Any) -> None: ...
-    def session_progress(self, session: Any) -> None:
-        self.progress += 1
-
-    def session_suspended(self, session: Any) -> None:
-        self.suspended.append(session.checkpoint())
-
-    def close_checkpoint(self, connector_id: int, checkpoint: dict[str, Any], stop_reason: str, message: str) -> None:
-        self.closed.append((checkpoint, stop_reason))
-
-    def session_finished(self, session: Any, record: dict[str, Any], stop_event: dict[str, Any]) -> None:
-        self.records.append(record)
-        self.events.append(("stop", stop_event))
-
-    def command_status(
-        self, command_id: str, status: str, message: str | None = None, details: dict[str, Any] | None = None
-    ) -> None:
-        self.statuses.append((command_id, status, message, details))
+    def connector_event(self, event: ev.ConnectorEvent) -> None:
+        match event:
+            case ev.StateChanged(new=new):
+                self.states.append(str(new))
+            case ev.VehicleEvent(_, event_type, data):
+                self.events.append((event_type, data))
+            case ev.SessionProgress():
+                self.progress += 1
+            case ev.SessionSuspended(session):
+                self.suspended.append(dict(session.checkpoint()))
+            case ev.CheckpointAbandoned(_, checkpoint, stop_reason, _):
+                self.closed.append((dict(checkpoint), stop_reason))
+            case ev.SessionFinished(session, ended_at, stop_reason):
+                self.records.append(record_of(session, ended_at))
+                self.events.append(("stop", {"reason": stop_reason}))
+            case ev.CommandOutcome(command_id, status, message, details):
+                self.statuses.append((command_id, status, message, details))
+            case ev.SetpointChanged(_, voltage, current):
+                self.setpoints.append((voltage, current))
 
     def event_types(self) -> list[str]:
         return [e for e, _ in self.events]

@@ -1,14 +1,16 @@
 """Turns what the connectors observe into durable outbox items, in order.
 
-The connectors call the :class:`Reporter` synchronously (it implements
-``ConnectorListener`` and ``FaultSink``); every call only appends to an in-memory
-queue, so the control loop never waits on the disk. One writer task drains the
-queue in order into the store:
+The connectors publish their events to the :class:`Reporter` synchronously (it is a
+:class:`agent.charging.events.ConnectorListener` and a ``FaultSink``); every call only
+appends to an in-memory queue, so the control loop never waits on the disk. One writer
+task drains the queue in order into the store:
 
 * events -> outbox ``event`` (platform EventReport bodies);
 * a session start -> ``SessionStore.open_session`` (the power-loss anchor);
 * progress -> ``update_session`` (coalesced checkpoints);
-* a session end -> ``finalize_session``: the open-session row is deleted and the
+* a session end -> the charging record is built here from the finished session
+  (:func:`agent.charging.session.record_of`, with the configured CDR extensions), then
+  ``finalize_session``: the open-session row is deleted and the
   charging record plus its ``stop`` event are queued in ONE transaction, keyed by
   ``record_id``, so a replay after a crash cannot produce a second record;
 * command statuses -> ``CommandLedger.update_status`` (ledger + report, one transaction);
@@ -28,9 +30,18 @@ from typing import Any, Awaitable, Callable
 
 import structlog
 
-from agent.charging.connector import ConnectorState
+from agent.charging.events import (
+    CheckpointAbandoned,
+    CommandOutcome,
+    ConnectorEvent,
+    SessionFinished,
+    SessionProgress,
+    SessionStarted,
+    SessionSuspended,
+    VehicleEvent,
+)
 from agent.charging.faults import ActiveFault, Severity
-from agent.charging.session import Checkpoint, Session, record_from_checkpoint
+from agent.charging.session import Checkpoint, Session, record_from_checkpoint, record_of
 from agent.store import Store
 from agent.store.commands import StatusTransitionError, UnknownCommandError
 from agent.utctime import to_iso, utc_now
@@ -50,9 +61,7 @@ class Reporter:
         self.connector_ids = sorted(connector_ids)
         self._queue: asyncio.Queue[Job | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
-        self.on_state_change: Callable[[int, ConnectorState], None] | None = None
         self.on_fault_change: Callable[[], None] | None = None
-        self.on_session_started: Callable[[Session], None] | None = None
         self.archive: Any = None  # agent.maintenance.archive.SessionArchive, when enabled
         self.errors = 0
 
@@ -93,17 +102,31 @@ class Reporter:
 
     # ------------------------------------------------------------------ ConnectorListener
 
-    def state_changed(self, connector_id: int, state: ConnectorState) -> None:
-        if self.on_state_change is not None:
-            self.on_state_change(connector_id, state)
+    def connector_event(self, event: ConnectorEvent) -> None:
+        """Queue what ``event`` means for the store (returns at once)."""
+        match event:
+            case VehicleEvent(connector_id, event_type, data):
+                self.event(connector_id, event_type, data)
+            case SessionStarted(session):
+                self.session_started(session)
+            case SessionProgress(session):
+                self.session_progress(session)
+            case SessionSuspended(session):
+                self.session_suspended(session)
+            case SessionFinished():
+                self.session_finished(event)
+            case CheckpointAbandoned(connector_id, checkpoint, stop_reason, message):
+                self.close_checkpoint(connector_id, checkpoint, stop_reason, message)
+            case CommandOutcome(command_id, status, message, details):
+                self.command_status(command_id, status, message, details)
+            case _:  # state changes and setpoints are not stored
+                pass
 
     def event(self, connector_id: int, event_type: str, data: dict[str, Any]) -> None:
         body = {"timestamp": to_iso(utc_now()), "event_type": event_type, "connector_id": connector_id, "data": data}
         self._submit(lambda: self.store.outbox.put("event", body))
 
     def session_started(self, session: Session) -> None:
-        if self.on_session_started is not None:
-            self.on_session_started(session)
         checkpoint = session.checkpoint()
         self._submit(lambda: self.store.sessions.open_session(session.connector_id, session.record_id, checkpoint))
 
@@ -171,8 +194,16 @@ class Reporter:
         if command_id:
             self.command_status(command_id, "failed", message, {"energy_delivered": record["energy"], "stop_reason": stop_reason})
 
-    def session_finished(self, session: Session, record: dict[str, Any], stop_event: dict[str, Any]) -> None:
-        event = {"timestamp": record["end_time"], "event_type": "stop", "connector_id": session.connector_id, "data": stop_event}
+    def session_finished(self, finished: SessionFinished) -> None:
+        """The record (built here) and its ``stop`` event, committed with the open-session row's removal."""
+        session = finished.session
+        record = record_of(session, finished.ended_at, extensions=self.cdr_extensions, send_vin=self.send_vin)
+        event = {
+            "timestamp": record["end_time"],
+            "event_type": "stop",
+            "connector_id": session.connector_id,
+            "data": {"reason": finished.stop_reason},
+        }
         self._submit(lambda: self.store.sessions.finalize_session(session.connector_id, record, [event]))
 
     def command_status(
