@@ -28,9 +28,9 @@ from typing import Any, Final
 import structlog
 
 from agent.maintenance.logbundle.collect import (
+    _RAW_FACTOR,
     AuditRecord,
     LogSources,
-    _RAW_FACTOR,
     _TailWriter,
     _collect_journald,
     _count_newlines,
@@ -40,7 +40,7 @@ from agent.maintenance.logbundle.collect import (
 )
 from agent.maintenance.logbundle.collect import _COPY_CHUNK
 from agent.maintenance.logbundle.config_redaction import _Masker, redact_config
-from agent.maintenance.logbundle.params import BundleError, DEFAULT_MAX_BYTES
+from agent.maintenance.logbundle.params import DEFAULT_MAX_BYTES, BundleError
 from agent.utctime import to_iso
 
 log = structlog.get_logger(__name__)
