@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.cli.sim import SimulatedCharger
 from agent.config import load_config
-from agent.service.devices import build_devices, make_context
-from tests.agent.maintenance.selftest.helpers import SIM_TOML, Rig, eventually, _fast_driver_timings
+from tests.agent.maintenance.selftest.helpers import SIM_TOML, Rig, _fast_driver_timings
+from tests.agent.sim_rig import start_sim_and_devices
 
 
 @pytest.fixture
@@ -21,15 +20,5 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     assert loaded.sim_root is not None
     _fast_driver_timings(cfg, tmp_path)
     async with AsyncExitStack() as stack:
-        sim = await stack.enter_async_context(SimulatedCharger(cfg, loaded.sim_root))
-        ctx = make_context(cfg)
-        stack.push_async_callback(ctx.close)
-        devices = build_devices(cfg, ctx)
-        for device in devices.all():
-            await device.start()
-            stack.push_async_callback(device.stop)
-        await eventually(
-            lambda: all(d.health().ok for d in devices.all()),
-            "every device healthy before the self test",
-        )
+        sim, devices = await start_sim_and_devices(stack, cfg, loaded.sim_root, before="the self test")
         yield Rig(sim, devices)

@@ -4,12 +4,11 @@ and safe-state assertions.
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -18,18 +17,13 @@ from agent.charging.connector import ConnectorHardware
 from agent.cli.sim import SimulatedCharger
 from agent.config import AgentConfig
 from agent.maintenance.selftest import Outcome, SelfTestConfig, SelfTestReport, run_self_test
+from tests.agent.sim_rig import eventually
 from hal.interfaces import DeviceSet
 
 ROOT = Path(__file__).resolve().parents[4]
 
 
 SIM_TOML = ROOT / "config/sim.toml"
-
-
-DEADLINE_S = 15.0
-
-
-T = TypeVar("T")
 
 
 #: Every check the sim config yields, in run order.
@@ -60,18 +54,6 @@ FAST = SelfTestConfig(
     meter_reading_timeout_s=1.5,
     fan_spinup_timeout_s=3.0,
 )
-
-
-async def eventually(probe: Callable[[], T | None | bool], what: str, timeout: float = DEADLINE_S) -> T:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value  # type: ignore[return-value]
-        if loop.time() > deadline:
-            raise AssertionError(f"not within {timeout:g} s: {what}; last seen {value!r}")
-        await asyncio.sleep(0.02)
 
 
 def _revalidate(section: DeviceSection | None, **updates: Any) -> None:

@@ -14,11 +14,11 @@ from tests.agent.maintenance.selftest.helpers import (
     FAST,
     Rig,
     _assert_left_safe,
-    eventually,
     _failing,
     _fan_duty,
     _outcomes,
 )
+from tests.agent.sim_rig import eventually
 
 
 @pytest.mark.parametrize(

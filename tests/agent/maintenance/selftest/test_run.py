@@ -23,9 +23,9 @@ from tests.agent.maintenance.selftest.helpers import (
     FAST,
     Rig,
     _assert_left_safe,
-    eventually,
     _fan_duty,
 )
+from tests.agent.sim_rig import eventually
 
 
 async def test_a_healthy_charger_passes_every_check_and_reports_progress(rig: Rig) -> None:
