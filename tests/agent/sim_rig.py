@@ -4,18 +4,19 @@ need the whole hardware stack (fault detection, self test)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 from agent.cli.sim import SimulatedCharger
-from agent.config import AgentConfig
+from agent.config import AgentConfig, load_config
 from agent.service.devices import build_devices, make_context
 from hal.interfaces import DeviceSet
 
 T = TypeVar("T")
 
+SIM_TOML = Path(__file__).resolve().parents[2] / "config" / "sim.toml"
 DEADLINE_S = 15.0
 
 
@@ -68,3 +69,18 @@ async def start_sim_and_devices(
         state=lambda: {d.name: d.health() for d in devices.all() if not d.health().ok},
     )
     return sim, devices
+
+
+@asynccontextmanager
+async def running_sim(
+    tmp_path: Path, tune: Callable[[AgentConfig, Path], None], *, before: str
+) -> AsyncIterator[tuple[AgentConfig, SimulatedCharger, DeviceSet]]:
+    """``config/sim.toml`` under ``tmp_path``, adjusted by ``tune(cfg, tmp_path)``, with the
+    simulator and every driver running and healthy (:func:`start_sim_and_devices`)."""
+    loaded = load_config(SIM_TOML, sim_root=tmp_path / "sim")
+    cfg = loaded.model
+    assert loaded.sim_root is not None
+    tune(cfg, tmp_path)
+    async with AsyncExitStack() as stack:
+        sim, devices = await start_sim_and_devices(stack, cfg, loaded.sim_root, before=before)
+        yield cfg, sim, devices

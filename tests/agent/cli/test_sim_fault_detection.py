@@ -15,7 +15,6 @@ import asyncio
 import math
 import uuid
 from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,9 +22,9 @@ from typing import Any, TypeVar
 import pytest
 
 from agent.charging.config import DeviceSection
-from agent.config import AgentConfig, SimVehicleConfig, load_config
+from agent.config import AgentConfig, SimVehicleConfig
 from agent.cli.sim import SimulatedCharger
-from tests.agent.sim_rig import eventually, start_sim_and_devices
+from tests.agent.sim_rig import eventually, running_sim
 from hal.interfaces import (
     ContactorError,
     ContactorPosition,
@@ -36,8 +35,6 @@ from hal.interfaces import (
     PilotState,
 )
 
-ROOT = Path(__file__).resolve().parents[3]
-SIM_TOML = ROOT / "config/sim.toml"
 
 T = TypeVar("T")
 
@@ -121,12 +118,7 @@ class Rig:
 @pytest.fixture
 async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     """The simulated charger plus every real driver, started; stopped afterwards."""
-    loaded = load_config(SIM_TOML, sim_root=tmp_path / "sim")
-    cfg = loaded.model
-    assert loaded.sim_root is not None
-    _test_timings(cfg, tmp_path)
-    async with AsyncExitStack() as stack:
-        sim, devices = await start_sim_and_devices(stack, cfg, loaded.sim_root, before="the injection")
+    async with running_sim(tmp_path, _test_timings, before="the injection") as (cfg, sim, devices):
         yield Rig(sim, devices, cfg)
 
 

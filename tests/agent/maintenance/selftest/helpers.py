@@ -17,13 +17,8 @@ from agent.charging.connector import ConnectorHardware
 from agent.cli.sim import SimulatedCharger
 from agent.config import AgentConfig
 from agent.maintenance.selftest import Outcome, SelfTestConfig, SelfTestReport, run_self_test
-from tests.agent.sim_rig import eventually
 from hal.interfaces import DeviceSet
-
-ROOT = Path(__file__).resolve().parents[4]
-
-
-SIM_TOML = ROOT / "config/sim.toml"
+from tests.agent.sim_rig import eventually
 
 
 #: Every check the sim config yields, in run order.
