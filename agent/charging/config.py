@@ -29,9 +29,6 @@ class DeviceSection(BaseModel):
             raise RuntimeError(f"options of driver {self.driver!r} were not validated")
         return self._options
 
-    def raw_options(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
-
 
 class ConnectorConfig(StrictModel):
     id: int = Field(..., ge=1, le=64)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, Self, TypeVar
 
@@ -296,31 +296,4 @@ class OperatorClient:
                 return view
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"command {command_id} never reported {status!r}")
-            await asyncio.sleep(interval)
-
-    async def wait_for_received(
-        self,
-        kind: RequestKind | str,
-        *,
-        count: int = 1,
-        predicate: Callable[[ReceivedRequest], bool] | None = None,
-        device_id: str | None = None,
-        timeout: float = 10.0,
-        interval: float = 0.05,
-    ) -> list[ReceivedRequest]:
-        """Poll until at least ``count`` logged requests of ``kind`` match ``predicate``.
-
-        Returns every matching request (possibly more than ``count``).
-
-        Raises:
-            TimeoutError: not enough matches within ``timeout`` seconds.
-        """
-        deadline = time.monotonic() + timeout
-        while True:
-            items = await self.received(kind, device_id=device_id)
-            matches = [r for r in items if predicate is None or predicate(r)]
-            if len(matches) >= count:
-                return matches
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"only {len(matches)} of {count} {kind} requests received")
             await asyncio.sleep(interval)

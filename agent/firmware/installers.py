@@ -4,6 +4,9 @@ Both implement :class:`Installer`; the :class:`~agent.firmware.manager.FirmwareM
 picks one per bundle (:func:`choose_installer`) and stores its name in the pending
 upgrade record, so the *new* version confirms or rolls back with the same installer.
 
+Size: just above ~500 lines because both installers, their subprocess runner and the
+release builder's dependency closure are one job (installing a verified bundle).
+
 :class:`AppAbInstaller` (``releases/<version>/`` venvs, ``current``/``stable`` links,
 see :mod:`agent.firmware.boot`):
 

@@ -3,7 +3,8 @@
 * :mod:`~agent.maintenance.health`       -- the ``component_health`` telemetry block;
 * :mod:`~agent.maintenance.counters`     -- wear counters (contactor cycles, fan hours, ...);
 * :mod:`~agent.maintenance.calibration`  -- ``calibrate_sensor``;
-* :mod:`~agent.maintenance.service_mode` -- local service mode for bench and field work;
+* :mod:`~agent.maintenance.service_mode` -- local service mode for bench and field work
+  (:mod:`~agent.maintenance.key_switch`: its GPIO key switch);
 * :mod:`~agent.maintenance.selftest`     -- the hardware self test behind ``run_self_test``;
 * :mod:`~agent.maintenance.logbundle`    -- the ``fetch_logs`` bundle (logs, command audit
   log, session archives, the redacted running config in one ``tar.gz``) and its upload;

@@ -247,10 +247,6 @@ class Watchdog:
             entry.probe_value = self._read(name, probe)
         self._entries[name] = entry
 
-    def unregister(self, name: str) -> None:
-        """Stop watching ``name`` (a task that ends on purpose, e.g. at a soft reset)."""
-        self._entries.pop(name, None)
-
     def unregister_prefix(self, prefix: str) -> None:
         for name in [n for n in self._entries if n.startswith(prefix)]:
             del self._entries[name]

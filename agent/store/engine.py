@@ -12,7 +12,8 @@ the session archive (:mod:`agent.maintenance.archive`, ``archive.db``) -- are op
   ``auto_vacuum=INCREMENTAL`` (freed pages can be handed back to the file system).
 * **Damaged-file policy** (``on_damage``): a file that is not a database, or fails the
   configured ``integrity_check``, raises :class:`StoreCorruptError` and is left exactly as
-  it is with ``"refuse"``; with ``"replace"`` it is moved aside as
+  it is with ``"refuse"``; with ``"replace"`` it (also when a migration step meets damaged
+  pages) is moved aside as
   ``<name>.corrupt-<UTC timestamp>`` (its ``-wal``/``-shm`` with it, kept, never deleted,
   see :func:`move_aside`) and a fresh database is created in its place.
 * **Checks before settings.** The schema version and integrity are checked before any
@@ -215,12 +216,21 @@ def open_database(
     """
     try:
         return _open(path, migrations, synchronous, integrity_check, busy_timeout_ms, max_page_count, log_name)
-    except StoreCorruptError as exc:
-        if on_damage == "refuse":
+    except (StoreCorruptError, StoreMigrationError) as exc:
+        if on_damage == "refuse" or not _is_damage(exc):
             raise
         kept = move_aside(path)
-        log.warning(f"{log_name}.damaged_file_replaced", path=str(path), kept_as=str(kept), error=exc.detail)
+        detail = exc.detail if isinstance(exc, StoreCorruptError) else str(exc)
+        log.warning(f"{log_name}.damaged_file_replaced", path=str(path), kept_as=str(kept), error=detail)
         return _open(path, migrations, synchronous, integrity_check, busy_timeout_ms, max_page_count, log_name)
+
+
+def _is_damage(exc: StoreError) -> bool:
+    """A damaged file, found by the checks or by a migration step that met damaged pages."""
+    if isinstance(exc, StoreCorruptError):
+        return True
+    cause = exc.__cause__
+    return cause is not None and isinstance(map_sqlite_error(cause), StoreCorruptError)
 
 
 def _open(

@@ -171,7 +171,6 @@ class Iec61851Vehicle:
         self._candidate: PilotState | None = None
         self._candidate_count = 0
         self._last_volts: float | None = None
-        self._last_sample_at: float | None = None
         self._last_good_at: float | None = None
         self._stale = False
         self._sample_error: str | None = None
@@ -344,7 +343,6 @@ class Iec61851Vehicle:
         return _Sample(raw * scale / 1000.0 * o.divider_ratio + o.offset_v, None)
 
     def _on_sample(self, sample: _Sample, now: float) -> None:
-        self._last_sample_at = now
         if sample.volts is None:
             self._bad_samples += 1
             if self._sample_error != sample.error:

@@ -108,10 +108,6 @@ class TokenManager:
         self.last_error: str | None = None
 
     @property
-    def has_token(self) -> bool:
-        return self._token is not None
-
-    @property
     def refresh_at(self) -> float:
         """Clock time at which the current token will be refreshed."""
         return self._refresh_at

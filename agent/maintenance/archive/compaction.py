@@ -12,13 +12,13 @@ from typing import Final
 import structlog
 
 from agent.maintenance.archive.model import (
-    ArchiveConfig,
-    CompactReport,
-    STALE_OPEN_S,
     _DAY_MS,
     _MINUTE_MS,
+    STALE_OPEN_S,
     _STORED,
     _VALUES,
+    ArchiveConfig,
+    CompactReport,
 )
 from agent.maintenance.archive.schema import _computed_summary
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from agent.maintenance.archive.model import SampleRow, SessionInfo, _STORED, _VALUES, _dec
+from agent.maintenance.archive.model import _STORED, _VALUES, SampleRow, SessionInfo, _dec
 from agent.store.engine import Migration, open_database
 
 _SCHEMA_V1: Final = f"""

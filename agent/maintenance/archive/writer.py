@@ -21,13 +21,13 @@ import structlog
 from agent.maintenance.archive.compaction import _compact, _release_free_pages, _used_bytes
 from agent.maintenance.archive.model import (
     ARCHIVE_FILENAME,
+    MAX_BUFFERED,
+    _STORED,
     ArchiveConfig,
     ArchiveError,
     CompactReport,
-    MAX_BUFFERED,
     SampleRow,
     SessionInfo,
-    _STORED,
     _enc,
     _unix,
 )

@@ -28,9 +28,9 @@ from typing import Any, Final
 import structlog
 
 from agent.maintenance.logbundle.collect import (
+    _RAW_FACTOR,
     AuditRecord,
     LogSources,
-    _RAW_FACTOR,
     _TailWriter,
     _collect_journald,
     _count_newlines,
@@ -40,8 +40,8 @@ from agent.maintenance.logbundle.collect import (
 )
 from agent.maintenance.logbundle.collect import _COPY_CHUNK
 from agent.maintenance.logbundle.config_redaction import _Masker, redact_config
-from agent.maintenance.logbundle.params import BundleError, DEFAULT_MAX_BYTES
-from agent.utctime import to_iso
+from agent.maintenance.logbundle.params import DEFAULT_MAX_BYTES, BundleError
+from agent.utctime import file_stamp, to_iso
 
 log = structlog.get_logger(__name__)
 
@@ -444,7 +444,7 @@ async def build_bundle(
     audit = [_audit_row(e, masker) for e in audit_entries]
     await asyncio.to_thread(workdir.mkdir, parents=True, exist_ok=True)
     staging = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix=".logbundle-", dir=workdir))
-    dest = workdir / f"logs-{until:%Y%m%dT%H%M%SZ}-{_secrets.token_hex(3)}.tar.gz"
+    dest = workdir / f"logs-{file_stamp(until.timestamp())}-{_secrets.token_hex(3)}.tar.gz"
     notes: list[str] = []
     try:
         journal: _TailWriter | None = None

@@ -15,7 +15,6 @@ import asyncio
 import math
 import uuid
 from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,9 +22,9 @@ from typing import Any, TypeVar
 import pytest
 
 from agent.charging.config import DeviceSection
-from agent.config import AgentConfig, SimVehicleConfig, load_config
-from agent.service.devices import build_devices, make_context
+from agent.config import AgentConfig, SimVehicleConfig
 from agent.cli.sim import SimulatedCharger
+from tests.agent.sim_rig import eventually, running_sim
 from hal.interfaces import (
     ContactorError,
     ContactorPosition,
@@ -36,41 +35,15 @@ from hal.interfaces import (
     PilotState,
 )
 
-ROOT = Path(__file__).resolve().parents[3]
-SIM_TOML = ROOT / "config/sim.toml"
 
 T = TypeVar("T")
 
-#: Generous deadline for every "eventually" (the faults show within ~1-4 s).
-DEADLINE_S = 15.0
 #: Power-module comm timeout used here (validation requires > 10 s; overridden below).
 MODULE_COMM_TIMEOUT_S = 2.0
 
 
 # ---------------------------------------------------------------------------------
 # helpers
-
-
-async def eventually(
-    probe: Callable[[], T | None | bool],
-    what: str,
-    *,
-    timeout: float = DEADLINE_S,
-    state: Callable[[], Any] | None = None,
-    step: float = 0.05,
-) -> T:
-    """Poll ``probe`` until it returns something truthy; return it. Fails after ``timeout``
-    with ``what`` and the last observed ``state()``."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value  # type: ignore[return-value]
-        if loop.time() > deadline:
-            seen = state() if state is not None else value
-            raise AssertionError(f"not within {timeout:g} s: {what}; last seen: {seen!r}")
-        await asyncio.sleep(step)
 
 
 def when(value: T | None, predicate: Callable[[T], bool]) -> T | None:
@@ -142,36 +115,11 @@ class Rig:
     cfg: AgentConfig
 
 
-async def _stop_within(device: Any, timeout_s: float) -> None:
-    """A device whose stop() hangs fails the test instead of stalling the run."""
-    try:
-        await asyncio.wait_for(device.stop(), timeout_s)
-    except asyncio.TimeoutError:
-        raise AssertionError(f"{device.name}.stop() did not return within {timeout_s:g} s") from None
-
-
 @pytest.fixture
 async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     """The simulated charger plus every real driver, started; stopped afterwards."""
-    loaded = load_config(SIM_TOML, sim_root=tmp_path / "sim")
-    cfg = loaded.model
-    assert loaded.sim_root is not None
-    _test_timings(cfg, tmp_path)
-    async with AsyncExitStack() as stack:
-        sim = await stack.enter_async_context(SimulatedCharger(cfg, loaded.sim_root))
-        ctx = make_context(cfg)
-        stack.push_async_callback(ctx.close)
-        devices = build_devices(cfg, ctx)
-        for device in devices.all():
-            await device.start()
-            stack.push_async_callback(_stop_within, device, 15.0)
-        rig = Rig(sim, devices, cfg)
-        await eventually(
-            lambda: all(d.health().ok for d in devices.all()),
-            "every device healthy before the injection",
-            state=lambda: {d.name: d.health() for d in devices.all() if not d.health().ok},
-        )
-        yield rig
+    async with running_sim(tmp_path, _test_timings, before="the injection") as (cfg, sim, devices):
+        yield Rig(sim, devices, cfg)
 
 
 def _module_rating(rig: Rig) -> tuple[float, float, float, float]:

@@ -14,9 +14,9 @@ import pytest
 from pydantic import ValidationError
 
 from agent.cli import status as status_cli
+from agent.maintenance.key_switch import KeySwitchConfig
 from agent.maintenance.service_mode import (
     MAX_MINUTES,
-    KeySwitchConfig,
     ServiceConfig,
     ServiceMode,
     audit_hook,
