@@ -1,4 +1,4 @@
-"""The uplink service: heartbeat, outbox sender, long-poll loops, one reconnect path.
+"""The uplink service: heartbeat, outbox senders, long-poll loops, one reconnect path.
 
 Contract:
 
@@ -11,26 +11,41 @@ Contract:
   ``code`` 0 or an empty body; ``4001`` for a charging record = already stored).
   A permanent rejection (``1001``/``1002``, or ``4001`` on anything but a charging
   record, or ``3001`` on a command status) moves the item to the dead-letter table;
-  billing data is never deleted silently. Everything else is retried.
-* Send order is strict priority: ``command_status``, ``charging_record``, ``event``,
-  ``firmware_status``, ``telemetry``, oldest first within a kind; the next item is
-  chosen again after every wait, so a newly queued urgent item goes next. A class
-  paused by a 429 is skipped (the other class keeps flowing) until the pause ends.
-* Rate shaping under the per-device limits: heartbeat+telemetry share a bucket of
-  ``high_rate`` req/s (limit 10/s), events+records+statuses(+firmware status) share
-  ``other_per_minute`` req/min (limit 60/min), each with a burst of 1 by default, so
-  neither class can exceed its limit over any window (and CDRs/events never go out
-  faster than 1/s while a backlog drains). A 429 pauses the whole class for
-  ``retry_after_seconds`` (or the class's backoff delay).
-* One supervised reconnect path: any transport failure (network error, timeout,
-  5xx) marks the link offline; every loop then waits while a single supervisor
-  retries with exponential backoff + jitter, never more than 5 reconnects in
-  10 minutes (F-0302 budget, paced two minutes apart once two quick retries failed).
-  ``force_reconnect`` counts against the same budget.
+  billing data is never deleted silently. A charging record refused with
+  ``1001``/``1002`` is first sent once more without the optional extension fields
+  (``stop_reason``, ``transaction_id``, ``direction``; a strict server may refuse
+  unknown fields); refused again, it is dead-lettered. Every dead-lettered item other
+  than an event queues an ``alarm`` event (code 303) naming it, and is shown by
+  ``charger-agent status``. Everything else is retried.
+* **Failure isolation per endpoint.** Each outbox kind has its own endpoint, its own
+  in-flight request (at most one: order within a kind is kept) and its own backoff
+  (``min(1 s * 2^n, 30 s)`` + 0-30 % jitter) after a 5xx, ``9001`` or timeout; the other
+  kinds keep draining meanwhile, and a 403 holds only its endpoint (5 min). Among the
+  kinds that are ready, priority decides who gets the next token: ``command_status``,
+  ``charging_record``, ``event``, ``firmware_status``, ``telemetry``, oldest first
+  within a kind. A class paused by a 429 is skipped until the pause ends
+  (``retry_after_seconds``, else the class's backoff).
+* The heartbeat has its own loop and never waits behind queued items: it is not shaped
+  by the telemetry bucket (only kept at least 1 s apart and held by a 429 pause), so
+  with ``high_rate + high_burst <= 9`` the high class still stays within 10/s.
+* Rate shaping under the per-device limits: telemetry uses a bucket of ``high_rate``
+  req/s, events+records+statuses(+firmware status) share ``other_per_minute`` req/min
+  (limit 60/min), each with a burst of 1 by default, so neither class can exceed its
+  limit over any window (and CDRs/events never go out faster than 1/s while a backlog
+  drains).
+* **Link down** means every request fails, not one: a connection-level failure
+  (refused, DNS, TLS) marks the link offline at once; a 5xx/``9001``/timeout of one
+  request only backs off that endpoint, and when no request has succeeded for
+  ``PROBE_AFTER_S`` a heartbeat is sent at once as a probe -- the link is declared
+  down only when the heartbeat itself fails that way too, with no success since. Only
+  then does a single supervisor reconnect with exponential backoff + jitter, never more
+  than 5 reconnects in 10 minutes (paced two minutes apart once two quick retries
+  failed); F-0302 is raised when *more than* 5 were wanted in 10 minutes
+  (:meth:`Uplink.reconnect_storm`). ``force_reconnect`` counts against the same budget.
 * Every wait (backoff, pacing, shaping, heartbeat interval, idle outbox) goes through
   the injected ``sleep`` and every measurement through the injected ``clock``
   (monotonic seconds); only HTTP timeouts and :meth:`Uplink.stop`'s timeout run on the
-  event loop's clock. The wall clock is read for the heartbeat ``timestamp`` only.
+  event loop's clock. The wall clock is read for timestamps only.
 """
 
 from __future__ import annotations
@@ -64,6 +79,10 @@ ENDPOINT_BY_KIND = {
 #: Outbox kinds in send order (highest priority first).
 SEND_ORDER: tuple[str, ...] = tuple(sorted(ENDPOINT_BY_KIND, key=PRIORITY.__getitem__))
 HIGH_CLASS_KINDS = frozenset({"telemetry"})
+#: Optional charging-record fields a strict server may refuse; the one retry drops them.
+CDR_EXTENSION_FIELDS = ("stop_reason", "transaction_id", "direction")
+#: ``fault_code`` of the alarm event raised for a dead-lettered item (project code F-0303).
+DEAD_LETTER_ALARM_CODE = 303
 
 #: Documented per-device limits (platform-api §10): requests per window.
 HIGH_LIMIT_PER_S = 10
@@ -71,6 +90,9 @@ OTHER_LIMIT_PER_MIN = 60
 FORBIDDEN_PAUSE_S = 300.0
 LONG_POLL_READ_MARGIN_S = 15.0
 IDLE_RECHECK_S = 30.0  # the outbox wakes the sender on every put; this is only a safety net
+#: no success for this long after a failed request: probe the link with a heartbeat now
+PROBE_AFTER_S = 5.0
+HEARTBEAT_MIN_SPACING_S = 1.0
 
 
 def utc_iso() -> str:
@@ -78,6 +100,7 @@ def utc_iso() -> str:
 
 
 class OutboxLike(Protocol):
+    async def put(self, kind: Any, payload: Any, *, key: str | None = None) -> int: ...
     async def next_batch(self, limit: int = ..., kinds: Any = None) -> list[Any]: ...
     async def ack(self, item_id: int) -> bool: ...
     async def nack(self, item_id: int, error: str) -> bool: ...
@@ -98,10 +121,29 @@ class UplinkStats:
     reconnect_times: deque[float] = field(default_factory=lambda: deque(maxlen=64))
     sent: dict[str, int] = field(default_factory=dict)
     dead_lettered: int = 0
+    #: the most recent dead letter: kind, key (record_id / command_id), reason, wall time
+    last_dead_letter: dict[str, Any] | None = None
     last_error: str | None = None
     rate_limited: int = 0
     #: heartbeats tried (whatever the answer): the systemd watchdog's progress signal
     heartbeats_attempted: int = 0
+    #: kind -> last transient failure of that endpoint while the link stayed up
+    endpoint_errors: dict[str, str] = field(default_factory=dict)
+
+
+def without_extensions(payload: dict[str, Any]) -> dict[str, Any] | None:
+    """The charging record without its optional extension fields, or None if it had none."""
+    if not any(k in payload for k in CDR_EXTENSION_FIELDS):
+        return None
+    return {k: v for k, v in payload.items() if k not in CDR_EXTENSION_FIELDS}
+
+
+def _item_key(item: Any) -> str | None:
+    payload = item.payload if isinstance(item.payload, dict) else {}
+    for name in ("record_id", "command_id"):
+        if isinstance(payload.get(name), str):
+            return str(payload[name])
+    return getattr(item, "key", None)
 
 
 class Uplink:
@@ -137,15 +179,25 @@ class Uplink:
         self.sleep = sleep
         self.high = TokenBucket(high_rate, burst=high_burst, clock=clock)
         self.other = TokenBucket(other_per_minute / 60.0, burst=other_burst, clock=clock)
-        if self.high.max_in_window(1.0) > HIGH_LIMIT_PER_S:
-            raise ValueError(f"high_rate + high_burst must stay within {HIGH_LIMIT_PER_S}/s")
+        # +1/s: the heartbeat, kept at least HEARTBEAT_MIN_SPACING_S apart, outside the bucket
+        if self.high.max_in_window(1.0) + 1 > HIGH_LIMIT_PER_S:
+            raise ValueError(
+                f"high_rate + high_burst must stay within {HIGH_LIMIT_PER_S - 1}/s "
+                "(one request per second is the heartbeat's)"
+            )
         if self.other.max_in_window(60.0) > OTHER_LIMIT_PER_MIN:
             raise ValueError(
                 f"other_per_minute + other_burst must stay within {OTHER_LIMIT_PER_MIN}/min"
             )
         self.backoff = Backoff(rng=self.rng)
         self._class_backoff = {self.high: Backoff(rng=self.rng), self.other: Backoff(rng=self.rng)}
+        self._kind_backoff = {kind: Backoff(rng=self.rng) for kind in SEND_ORDER}
+        self._retry_at: dict[str, float] = {}
+        self._in_flight: dict[str, asyncio.Task[None]] = {}
+        self._sender_wake = asyncio.Event()
         self.budget = ReconnectBudget(clock=clock)
+        #: clock times at which a reconnect was needed (F-0302 counts these)
+        self._reconnects_wanted: deque[float] = deque()
         self.stats = UplinkStats()
         self._online = asyncio.Event()
         self._offline = asyncio.Event()
@@ -156,12 +208,22 @@ class Uplink:
         self._immediate = False
         self._connected_once = False
         self._heartbeat_now = asyncio.Event()
+        self._last_success: float | None = None
+        self._failing_since_success: set[str] = set()
+        self._last_heartbeat_at = -1e9
 
     # ------------------------------------------------------------------ lifecycle
 
     @property
     def online(self) -> bool:
         return self._online.is_set()
+
+    def reconnect_storm(self) -> bool:
+        """F-0302: more than ``budget.limit`` reconnects wanted within ``budget.window``."""
+        now = self.clock()
+        while self._reconnects_wanted and now - self._reconnects_wanted[0] >= self.budget.window:
+            self._reconnects_wanted.popleft()
+        return len(self._reconnects_wanted) > self.budget.limit
 
     async def start(self) -> None:
         """Start every loop; the first heartbeat goes out as soon as a token is had."""
@@ -193,7 +255,11 @@ class Uplink:
         """Stop every loop; send a final heartbeat ``offline`` first when online."""
         self._running = False
         current = asyncio.current_task()
-        tasks = [t for t in self._tasks + self._poll_tasks if t is not current]
+        tasks = [
+            t
+            for t in self._tasks + self._poll_tasks + list(self._in_flight.values())
+            if t is not current
+        ]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -264,6 +330,28 @@ class Uplink:
         self._offline.clear()
         self._online.set()
 
+    def _note_success(self, endpoint: str) -> None:
+        self._last_success = self.clock()
+        self._failing_since_success.clear()
+        self.stats.endpoint_errors.pop(endpoint, None)
+
+    def _note_transient(self, endpoint: str, result: ApiResult) -> None:
+        """One request failed transiently: decide whether that is the link or the request."""
+        reason = result.describe()
+        if result.link_error:
+            self._mark_offline(reason)
+            return
+        self.stats.endpoint_errors[endpoint] = reason
+        self._failing_since_success.add(endpoint)
+        if endpoint == "heartbeat" and len(self._failing_since_success) >= 2:
+            self._mark_offline(f"every request fails: {reason}")
+            return
+        if endpoint == "heartbeat" or not self.online:
+            return  # the heartbeat is the probe; offline, the supervisor probes
+        now = self.clock()
+        if self._last_success is None or now - self._last_success >= PROBE_AFTER_S:
+            self.heartbeat_soon()  # probe: does anything still get through?
+
     async def _supervisor(self) -> None:
         """The one reconnect path: wait while offline, retry within backoff and budget.
 
@@ -273,6 +361,7 @@ class Uplink:
         while self._running:
             await self._offline.wait()
             if self._connected_once:
+                self._reconnects_wanted.append(self.clock())
                 delay = 0.0 if self._immediate else self.backoff.next_delay()
                 delay = max(delay, self.budget.wait_time())
                 if delay > 0:
@@ -298,6 +387,7 @@ class Uplink:
             elif self._immediate:
                 continue  # force_reconnect() ran while this probe delivered its commands
             else:
+                self._failing_since_success.clear()
                 self._mark_online()
 
     async def _wait_online(self) -> None:
@@ -310,12 +400,17 @@ class Uplink:
         method: str,
         path: str,
         *,
+        endpoint: str,
         body: Any = None,
         params: dict[str, Any] | None = None,
         timeout_s: float | None = None,
         retry_bucket: TokenBucket | None = None,
     ) -> ApiResult:
-        """One authorised request with the documented 401 reaction (new token, retry once)."""
+        """One authorised request with the documented 401 reaction (new token, retry once).
+
+        Success and transient failures feed the link-health decision (see the module
+        contract); ``endpoint`` names the request for that.
+        """
         result = ApiResult(None, error="not sent")
         for attempt in (0, 1):
             if attempt == 1 and retry_bucket is not None:
@@ -329,7 +424,9 @@ class Uplink:
                 if attempt == 0:
                     continue
             if result.kind == "transient":
-                self._mark_offline(result.describe())
+                self._note_transient(endpoint, result)
+            elif result.http_status is not None:
+                self._note_success(endpoint)  # an answer from the platform: the link works
             return result
         return result
 
@@ -346,8 +443,16 @@ class Uplink:
             "status": status or current_status,
             "fault_code": int(fault_code),
         }
-        await self._shape(self.high)
-        result = await self._call("POST", "/device/heartbeat", body=body, retry_bucket=self.high)
+        # Not shaped by the telemetry bucket (never waits behind queued items): kept 1 s
+        # apart, and held by a 429 pause of the class.
+        wait = max(
+            self.high.paused_for(),
+            self._last_heartbeat_at + HEARTBEAT_MIN_SPACING_S - self.clock(),
+        )
+        if wait > 0:
+            await self.sleep(wait)
+        self._last_heartbeat_at = self.clock()
+        result = await self._call("POST", "/device/heartbeat", endpoint="heartbeat", body=body)
         if result.ok:
             self.stats.last_heartbeat_ok = body["timestamp"]
             commands = result.data.get("commands") if isinstance(result.data, dict) else None
@@ -386,7 +491,7 @@ class Uplink:
         while self._running:
             await self._wait_online()
             interval = max(1.0, self.heartbeat_interval_s + self.rng.uniform(-2.0, 2.0))
-            await self._sleep_unless(self._heartbeat_now.wait(), interval)
+            await self._sleep_unless([self._heartbeat_now.wait()], interval)
             self._heartbeat_now.clear()
             if not self.online:
                 continue
@@ -400,34 +505,50 @@ class Uplink:
             elif not result.ok:
                 log.warning("heartbeat_failed", error=result.describe())
 
-    async def _sleep_unless(self, wake: Awaitable[Any], seconds: float) -> None:
-        """Sleep ``seconds`` with the injected ``sleep``, or less if ``wake`` completes first.
+    async def _sleep_unless(self, wakes: list[Awaitable[Any]], seconds: float) -> None:
+        """Sleep ``seconds`` with the injected ``sleep``, or less if one of ``wakes`` completes.
 
         Every wait goes through the injected clock: the outbox's own ``timeout`` would be
         measured on the real monotonic clock.
         """
         sleeper = asyncio.ensure_future(self.sleep(seconds))
-        waker = asyncio.ensure_future(wake)
+        wakers = [asyncio.ensure_future(w) for w in wakes]
         try:
-            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({sleeper, *wakers}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for fut in (sleeper, waker):
+            for fut in (sleeper, *wakers):
                 fut.cancel()
-            await asyncio.gather(sleeper, waker, return_exceptions=True)
+            await asyncio.gather(sleeper, *wakers, return_exceptions=True)
 
     async def _sender_loop(self) -> None:
+        """Hand the next token to the most urgent ready kind; each kind sends on its own.
+
+        A kind is ready when it has no request in flight, its endpoint is not backing off
+        and its class is not paused by a 429.
+        """
         while self._running:
             await self._wait_online()
-            kinds = [k for k in SEND_ORDER if self._bucket_for(k).paused_for() <= 0]
-            paused = [b.paused_for() for b in (self.high, self.other) if b.paused_for() > 0]
-            if not kinds:
-                await self.sleep(min(paused))
-                continue
-            items = await self.outbox.next_batch(1, kinds=kinds)
+            now = self.clock()
+            waits = [
+                at - now
+                for kind, at in self._retry_at.items()
+                if at > now and kind not in self._in_flight
+            ]
+            waits += [b.paused_for() for b in (self.high, self.other) if b.paused_for() > 0]
+            kinds = [
+                k
+                for k in SEND_ORDER
+                if k not in self._in_flight
+                and self._retry_at.get(k, 0.0) <= now
+                and self._bucket_for(k).paused_for() <= 0
+            ]
+            items = await self.outbox.next_batch(1, kinds=kinds) if kinds else []
             if not items:
-                await self._sleep_unless(
-                    self.outbox.wait_for_items(kinds=kinds), min([IDLE_RECHECK_S, *paused])
-                )
+                wakes: list[Awaitable[Any]] = [self._sender_wake.wait()]
+                if kinds:
+                    wakes.append(self.outbox.wait_for_items(kinds=kinds))
+                await self._sleep_unless(wakes, min([IDLE_RECHECK_S, *waits]))
+                self._sender_wake.clear()
                 continue
             item = items[0]
             bucket = self._bucket_for(item.kind)
@@ -438,43 +559,115 @@ class Uplink:
             if not self.online:
                 continue
             bucket.take()
-            try:
-                await self._send_item(item, bucket)
-            except AuthError as exc:
-                await self.outbox.nack(item.id, str(exc))
-                self._mark_offline(str(exc))
+            task = asyncio.create_task(
+                self._send_guarded(item, bucket), name=f"uplink-send-{item.kind}"
+            )
+            self._in_flight[item.kind] = task
+            task.add_done_callback(functools.partial(self._send_done, item.kind))
+
+    def _send_done(self, kind: str, task: asyncio.Task[None]) -> None:
+        if self._in_flight.get(kind) is task:
+            del self._in_flight[kind]
+        self._sender_wake.set()
+
+    async def _send_guarded(self, item: Any, bucket: TokenBucket) -> None:
+        try:
+            await self._send_item(item, bucket)
+        except asyncio.CancelledError:
+            raise
+        except AuthError as exc:
+            await self.outbox.nack(item.id, str(exc))
+            self._mark_offline(str(exc))
+        except Exception as exc:  # never lose the sender over one item
+            self.stats.last_error = f"send {item.kind}: {type(exc).__name__}: {exc}"
+            log.exception("uplink_send_error", kind=item.kind, item_id=item.id)
+            self._retry_at[item.kind] = self.clock() + self._kind_backoff[item.kind].next_delay()
+
+    async def _post(self, item: Any, body: Any, bucket: TokenBucket) -> ApiResult:
+        return await self._call(
+            "POST", ENDPOINT_BY_KIND[item.kind], endpoint=item.kind, body=body, retry_bucket=bucket
+        )
 
     async def _send_item(self, item: Any, bucket: TokenBucket) -> None:
-        result = await self._call(
-            "POST", ENDPOINT_BY_KIND[item.kind], body=item.payload, retry_bucket=bucket
-        )
+        result = await self._post(item, item.payload, bucket)
+        if result.kind == "permanent" and item.kind == "charging_record":
+            stripped = without_extensions(item.payload)
+            if stripped is not None:
+                log.warning(
+                    "charging_record_refused_retry_without_extensions",
+                    item_id=item.id,
+                    record_id=item.payload.get("record_id"),
+                    error=result.describe(),
+                )
+                await self._shape(bucket)
+                result = await self._post(item, stripped, bucket)
         kind = result.kind
         backoff = self._class_backoff[bucket]
+        kind_backoff = self._kind_backoff[item.kind]
         if kind == "ok" or (kind == "conflict" and item.kind == "charging_record"):
             await self.outbox.ack(item.id)
             backoff.reset()
+            kind_backoff.reset()
+            self._retry_at.pop(item.kind, None)
             self.stats.sent[item.kind] = self.stats.sent.get(item.kind, 0) + 1
         elif kind in ("permanent", "conflict") or (
             kind == "not_found" and item.kind == "command_status"
         ):
-            log.error("upload_rejected", kind=item.kind, item_id=item.id, error=result.describe())
-            await self.outbox.dead_letter(item.id, result.describe())
-            self.stats.dead_lettered += 1
+            await self._dead_letter(item, result.describe())
         elif kind == "rate_limited":
             self.stats.rate_limited += 1
             pause = result.retry_after or backoff.next_delay()
-            log.warning("rate_limited", kind=item.kind, pause_s=pause)
+            log.warning("rate_limited", kind=item.kind, pause_s=round(pause, 1))
             bucket.pause(pause)
             await self.outbox.nack(item.id, result.describe())
         elif kind == "forbidden":
             log.error("upload_forbidden", kind=item.kind, error=result.describe())
             await self.outbox.nack(item.id, result.describe())
-            bucket.pause(FORBIDDEN_PAUSE_S)
+            self._retry_at[item.kind] = self.clock() + FORBIDDEN_PAUSE_S
         elif kind in ("auth", "not_found"):
             await self.outbox.nack(item.id, result.describe())
             self._recover_credentials(result)
-        else:  # transient: _call marked the link offline, the supervisor takes over
+        else:  # transient: this endpoint backs off; the others keep going
             await self.outbox.nack(item.id, result.describe())
+            delay = kind_backoff.next_delay()
+            self._retry_at[item.kind] = self.clock() + delay
+            log.warning(
+                "upload_retry", kind=item.kind, item_id=item.id, in_s=round(delay, 1),
+                error=result.describe(),
+            )
+
+    async def _dead_letter(self, item: Any, reason: str) -> None:
+        """Keep a permanently refused item in the dead-letter table, visibly."""
+        log.error("upload_rejected", kind=item.kind, item_id=item.id, error=reason)
+        await self.outbox.dead_letter(item.id, reason)
+        self.stats.dead_lettered += 1
+        key = _item_key(item)
+        self.stats.last_dead_letter = {
+            "kind": item.kind,
+            "key": key,
+            "reason": reason,
+            "at": utc_iso(),
+        }
+        if item.kind == "event":
+            return  # an alarm about a refused event could be refused the same way, forever
+        payload = item.payload if isinstance(item.payload, dict) else {}
+        connector = payload.get("connector_id")
+        if not isinstance(connector, int) or isinstance(connector, bool) or connector < 1:
+            connector = min(self.connector_ids) if self.connector_ids else 1
+        what = f"{item.kind.replace('_', ' ')} {key}" if key else item.kind.replace("_", " ")
+        await self.outbox.put(
+            "event",
+            {
+                "timestamp": utc_iso(),
+                "event_type": "alarm",
+                "connector_id": connector,
+                "data": {
+                    "fault_code": DEAD_LETTER_ALARM_CODE,
+                    "fault_message": f"{what} refused by the platform; kept on the charger",
+                    "details": {"kind": item.kind, "key": key, "reason": reason[:200]},
+                },
+            },
+        )
 
     async def _poll_loop(self, connector_id: int, generation: int) -> None:
         backoff = Backoff(rng=self.rng)
@@ -485,6 +678,7 @@ class Uplink:
                 result = await self._call(
                     "GET",
                     "/device/commands",
+                    endpoint=f"commands:{connector_id}",
                     params={"connector_id": connector_id, "wait": self.long_poll_wait_s},
                     timeout_s=self.long_poll_wait_s + LONG_POLL_READ_MARGIN_S,
                 )
@@ -496,12 +690,11 @@ class Uplink:
                 if isinstance(result.data, dict):
                     await self._deliver(result.data, channel, connector_id)
                 continue
-            if result.kind == "transient":
-                continue  # offline now; wait for the supervisor
             if result.kind == "rate_limited":
                 await self.sleep(result.retry_after or backoff.next_delay())
             elif result.kind == "auth":
                 self._recover_credentials(result)
-            else:
+            else:  # transient or anything else: this poll backs off, the rest keeps going
                 log.warning("long_poll_failed", connector=connector_id, error=result.describe())
-                await self.sleep(backoff.next_delay())
+                if self.online:
+                    await self.sleep(backoff.next_delay())
