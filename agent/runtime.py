@@ -493,7 +493,7 @@ class Agent:
                     else:
                         self.faults.clear("F-0601", None)
             if self.uplink is not None:
-                storm = self.uplink.budget.used() >= self.uplink.budget.limit
+                storm = self.uplink.reconnect_storm()  # more than 5 wanted in 10 minutes
                 self.faults.set("F-0302", None, storm, reconnects_10min=self.uplink.budget.used())
             await asyncio.sleep(1.0)
 
@@ -580,6 +580,8 @@ class Agent:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.dispatcher is not None:
+            await self.dispatcher.close()
         suspend = self.cfg.charging.on_shutdown == "suspend" and not self.reboot_requested and self.upgrade_restart is None
         await self._stop_hardware(SHUTDOWN_STOP_REASON, suspend=suspend)
         if self.reporter is not None:
