@@ -262,6 +262,8 @@ class Agent:
                 reconnect_limit=self.uplink.budget.limit,
                 reconnects_total=self.uplink.stats.reconnects,
                 last_error=self.uplink.stats.last_error,
+                endpoint_errors=dict(self.uplink.stats.endpoint_errors),
+                last_dead_letter=self.uplink.stats.last_dead_letter,
             )
         outbox = dataclasses.asdict(self.store.outbox.stats()) if self.store is not None else {}
         return build_status(

@@ -19,7 +19,8 @@ Contract:
   ``charger-agent status``. Everything else is retried.
 * **Failure isolation per endpoint.** Each outbox kind has its own endpoint, its own
   in-flight request (at most one: order within a kind is kept) and its own backoff
-  (``min(1 s * 2^n, 30 s)`` + 0-30 % jitter) after a 5xx, ``9001`` or timeout; the other
+  (``min(1 s * 2^n, 23 s)`` + 0-30 % jitter, so a recovered endpoint is retried within
+  30 s) after a 5xx, ``9001`` or timeout; the other
   kinds keep draining meanwhile, and a 403 holds only its endpoint (5 min). Among the
   kinds that are ready, priority decides who gets the next token: ``command_status``,
   ``charging_record``, ``event``, ``firmware_status``, ``telemetry``, oldest first
@@ -93,6 +94,7 @@ IDLE_RECHECK_S = 30.0  # the outbox wakes the sender on every put; this is only 
 #: no success for this long after a failed request: probe the link with a heartbeat now
 PROBE_AFTER_S = 5.0
 HEARTBEAT_MIN_SPACING_S = 1.0
+ENDPOINT_BACKOFF_CEILING_S = 23.0
 
 
 def utc_iso() -> str:
@@ -191,7 +193,10 @@ class Uplink:
             )
         self.backoff = Backoff(rng=self.rng)
         self._class_backoff = {self.high: Backoff(rng=self.rng), self.other: Backoff(rng=self.rng)}
-        self._kind_backoff = {kind: Backoff(rng=self.rng) for kind in SEND_ORDER}
+        # ceiling 23 s + 30 % jitter < 30 s: a recovered endpoint is retried within 30 s
+        self._kind_backoff = {
+            kind: Backoff(ceiling=ENDPOINT_BACKOFF_CEILING_S, rng=self.rng) for kind in SEND_ORDER
+        }
         self._retry_at: dict[str, float] = {}
         self._in_flight: dict[str, asyncio.Task[None]] = {}
         self._sender_wake = asyncio.Event()
