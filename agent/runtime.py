@@ -186,7 +186,7 @@ class Agent:
             await self.scheduler.load()
             specs = {
                 **operational_specs(self.limits, self.scheduler, v2g_capable=cfg.charger.v2g_capable),
-                **diagnostic_specs(self),
+                **diagnostic_specs(self, default_upload_url=cfg.diagnostics.log_upload_url),
                 "firmware_upgrade": firmware_command_spec(self.firmware),
             }
             self.dispatcher = Dispatcher(self.store.ledger, self.reporter, self.connectors, specs)
@@ -320,6 +320,7 @@ class Agent:
                 active_s=cfg.platform.telemetry_active_interval_s,
                 idle_s=cfg.platform.telemetry_idle_interval_s,
                 component_health=health.build if health is not None else None,
+                health_missing=health.missing if health is not None else None,
             )
             for cid, c in self.connectors.items()
         }
@@ -455,7 +456,10 @@ class Agent:
             sn=cfg.charger.serial_number,
             model=cfg.charger.model,
             manufacturer=cfg.charger.manufacturer,
-            firmware_version=__version__,
+            # the version an upgrade installed, else [charger] firmware_version, else ours
+            firmware_version=(self.firmware.installed_version if self.firmware else None)
+            or cfg.charger.firmware_version
+            or __version__,
             mac=cfg.charger.mac,
         )
         tokens = TokenManager(http, self.store.credentials, identity, lambda i, s: Credentials(device_id=i, device_secret=s))
@@ -768,6 +772,11 @@ class Agent:
         except CalibrationError as exc:
             raise Rejected(str(exc)) from None
         return entry.to_dict()
+
+    async def reset_discharge_cycles(self, connector_id: int) -> int:
+        """``discharge_contactor_cycles`` back to 0 (the discharge contactor was replaced)."""
+        assert self.health is not None
+        return await self.health.discharge.reset(connector_id)
 
     async def reset_fan_counter(self, fan: str | int | None) -> dict[str, Any]:
         assert self.fan_runtime is not None

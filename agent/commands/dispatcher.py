@@ -90,6 +90,8 @@ class CommandSpec:
     run: Run
     risk: Literal["low", "medium"] = "low"
     own_session_check: bool = False
+    #: fills configured defaults into the raw params before validation (e.g. a default target)
+    prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
 
 class LedgerLike(Protocol):
@@ -236,8 +238,9 @@ class Dispatcher:
             reject(message)
             await audit("rejected", "unknown command")
             return
+        prepared = spec.prepare(params) if spec.prepare is not None and isinstance(params, dict) else params
         try:
-            model = parse(spec.params, params)
+            model = parse(spec.params, prepared)
         except ValueError as exc:
             reject(str(exc))
             await audit("rejected", str(exc))

@@ -270,10 +270,14 @@ async def test_isolation_result_survives_a_restart(tmp_path: Path) -> None:
             "kohm": 1800.0,
             "at": "2025-03-02T09:00:00Z",
         }
-        # another connector does not inherit it
-        assert "isolation_test_kohms" not in health.build(
-            make_connector(cid=1, thermal=full_thermal())
-        )
+        # another connector does not inherit it: before its first cable check ever it
+        # shows its own IMD's current reading, timed now
+        other = make_connector(cid=1, thermal=full_thermal())
+        assert other.hw.imd is not None
+        block = health.build(other)
+        assert block["isolation_test_kohms"] == pytest.approx(other.hw.imd.reading().resistance_kohm, abs=0.1)  # type: ignore[union-attr]
+        assert block["last_isolation_test"].endswith("Z") and block["last_isolation_test"] > "2025-03-02"
+        assert health.missing(other, block) == []
     finally:
         await store.close()
 
