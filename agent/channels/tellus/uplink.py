@@ -14,9 +14,9 @@ Contract:
   billing data is never deleted silently. A charging record refused with
   ``1001``/``1002`` is first sent once more without the optional extension fields
   (``stop_reason``, ``transaction_id``, ``direction``; a strict server may refuse
-  unknown fields); refused again, it is dead-lettered. Every dead-lettered item other
-  than an event queues an ``alarm`` event (code 303) naming it, and is shown by
-  ``charger-agent status``. Everything else is retried.
+  unknown fields); refused again, it is dead-lettered. Every dead-lettered record,
+  command status or firmware status queues an ``alarm`` event (code 303) naming it, and
+  ``charger-agent status`` shows the dead letters. Everything else is retried.
 * **Failure isolation per endpoint.** Each outbox kind has its own endpoint, its own
   in-flight request (at most one: order within a kind is kept) and its own backoff
   (``min(1 s * 2^n, 23 s)`` + 0-30 % jitter, so a recovered endpoint is retried within
@@ -84,6 +84,9 @@ HIGH_CLASS_KINDS = frozenset({"telemetry"})
 CDR_EXTENSION_FIELDS = ("stop_reason", "transaction_id", "direction")
 #: ``fault_code`` of the alarm event raised for a dead-lettered item (project code F-0303).
 DEAD_LETTER_ALARM_CODE = 303
+#: no alarm for these: one about a refused event could be refused the same way, forever;
+#: telemetry is not durable data (a refused sample is logged and counted)
+NO_ALARM_KINDS = frozenset({"event", "telemetry"})
 
 #: Documented per-device limits (platform-api §10): requests per window.
 HIGH_LIMIT_PER_S = 10
@@ -653,8 +656,8 @@ class Uplink:
             "reason": reason,
             "at": utc_iso(),
         }
-        if item.kind == "event":
-            return  # an alarm about a refused event could be refused the same way, forever
+        if item.kind in NO_ALARM_KINDS:
+            return
         payload = item.payload if isinstance(item.payload, dict) else {}
         connector = payload.get("connector_id")
         if not isinstance(connector, int) or isinstance(connector, bool) or connector < 1:
@@ -668,8 +671,13 @@ class Uplink:
                 "connector_id": connector,
                 "data": {
                     "fault_code": DEAD_LETTER_ALARM_CODE,
-                    "fault_message": f"{what} refused by the platform; kept on the charger",
-                    "details": {"kind": item.kind, "key": key, "reason": reason[:200]},
+                    "fault_message": f"F-0303 {what} refused by the platform; kept on the charger",
+                    "details": {
+                        "fault_id": "F-0303",
+                        "kind": item.kind,
+                        "key": key,
+                        "reason": reason[:200],
+                    },
                 },
             },
         )
