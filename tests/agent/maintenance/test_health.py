@@ -323,3 +323,23 @@ async def test_discharge_contactor_cycles_count_discharge_starts_and_persist(
         assert health2.discharge.count(1) == 0 and health2.discharge.count(2) == 1
     finally:
         await store.close()
+
+
+async def test_v2g_max_cycles_only_from_config(store: Store) -> None:
+    health = ComponentHealth(store.kv)  # no [health] bidirectional_max_cycles: not invented
+    await health.load()
+    block = health.build(make_connector(thermal=full_thermal(), stage=MeasuringStage(cycles=3, thd_pct=1.0)))
+    assert "bidirectional_inverter_max_cycles" not in block
+    assert block["bidirectional_inverter_cycles"] == 3 and "discharge_contactor_cycles" in block
+
+
+async def test_discharge_contactor_cycles_reset_to_zero(store: Store) -> None:
+    health = ComponentHealth(store.kv, HealthConfig(bidirectional_max_cycles=8000))
+    await health.load()
+    for _ in range(3):
+        health.discharge.record_closure(1)
+    await health.discharge.flush()
+    assert await health.discharge.reset(1) == 3
+    block = health.build(make_connector(thermal=full_thermal(), stage=MeasuringStage(cycles=3, thd_pct=1.0)))
+    assert block["discharge_contactor_cycles"] == 0
+    assert await store.kv.get("health/discharge_contactor_cycles/1") == 0
