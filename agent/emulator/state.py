@@ -502,7 +502,7 @@ class EmulatorStore:
         record = self._commands.get(report.command_id)
         if record is None or record.device_id != device_id:
             raise ApiError(ErrorCode.NOT_FOUND, "command not found", device_id=device_id)
-        check_status_sequence(record, report.status.value, device_id)
+        check_status_sequence(record.statuses, record.deliveries, report.status.value, device_id)
         wire = report.to_wire()
         record.statuses.append(
             CommandStatusReport(

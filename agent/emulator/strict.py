@@ -22,7 +22,8 @@ validated the body (so types, enums and required fields are already checked):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ValidationError
 
@@ -39,8 +40,13 @@ from agent.channels.tellus.models import (
 )
 from agent.emulator.errors import ApiError
 
-if TYPE_CHECKING:
-    from agent.emulator.state import CommandRecord, EmulatorSettings
+
+
+class Settings(Protocol):
+    """What the rules read of :class:`agent.emulator.state.EmulatorSettings`."""
+
+    connectors: tuple[int, ...]
+    accept_extensions: bool
 
 __all__ = ["check_body", "check_connector", "check_status_sequence"]
 
@@ -86,7 +92,7 @@ def _unknown_fields(
             _unknown_fields(sub, value, frozenset(), f"{prefix}{key}.")
 
 
-def check_connector(connector_id: int, settings: EmulatorSettings) -> None:
+def check_connector(connector_id: int, settings: Settings) -> None:
     """1001 unless ``connector_id`` is one of the device's connectors."""
     if connector_id not in settings.connectors:
         raise _invalid(
@@ -96,7 +102,7 @@ def check_connector(connector_id: int, settings: EmulatorSettings) -> None:
         )
 
 
-def check_body(model: BaseModel, body: dict[str, Any], settings: EmulatorSettings) -> None:
+def check_body(model: BaseModel, body: dict[str, Any], settings: Settings) -> None:
     """Apply the module's rules to a validated ``model`` of the raw JSON ``body``."""
     kind = type(model)
     for name in _TIMESTAMP_FIELDS:
@@ -140,13 +146,16 @@ def _check_health(value: Any) -> None:
         raise _invalid(field, str(err["msg"]), err.get("input")) from None
 
 
-def check_status_sequence(record: CommandRecord, status: str, device_id: str) -> None:
+def check_status_sequence(
+    statuses: Sequence[Any], deliveries: Sequence[Any], status: str, device_id: str
+) -> None:
     """1001 (field ``status``) for a status after a terminal one, unless it repeats it or the
-    command was delivered again since."""
-    last_terminal = next((s for s in reversed(record.statuses) if s.status in TERMINAL), None)
+    command was delivered again since (``statuses``: reports with ``status`` and
+    ``received_at``; ``deliveries``: with ``delivered_at``)."""
+    last_terminal = next((s for s in reversed(statuses) if s.status in TERMINAL), None)
     if last_terminal is None or status == last_terminal.status:
         return
-    if any(d.delivered_at > last_terminal.received_at for d in record.deliveries):
+    if any(d.delivered_at > last_terminal.received_at for d in deliveries):
         return
     raise ApiError(
         ErrorCode.INVALID_PARAMETER,
