@@ -551,7 +551,11 @@ def test_calibrate_sensor_out_of_bounds_is_rejected_naming_the_problem(bench: Be
 def test_reset_contactor_counter_reports_the_previous_cycles(bench: Bench) -> None:
     assert bench.names("contactor-reset") == ["accepted", "completed"]
     details = bench.last("contactor-reset").details
-    assert details == {"previous_cycles": {"1": bench.obs["cycles_before"]}}
+    # connector 1 has the V2G stage: its discharge contactor count is reset too (no discharge ran)
+    assert details == {
+        "previous_cycles": {"1": bench.obs["cycles_before"]},
+        "previous_discharge_contactor_cycles": {"1": 0},
+    }
     assert bench.obs["cycles_before"] >= 1  # the session closed it
     assert bench.obs["cycles_after"] == 0
 
