@@ -58,7 +58,6 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import structlog
@@ -66,7 +65,27 @@ import structlog
 from agent.store.outbox import PRIORITY
 from agent.channels.tellus.auth import REPROVISION_RETRY_S, AuthError, TokenManager
 from agent.channels.tellus.client import ApiResult, PlatformHttp
+from agent.channels.tellus.sender import (
+    CDR_EXTENSION_FIELDS,
+    DEAD_LETTER_ALARM_CODE,
+    ENDPOINT_BACKOFF_CEILING_S,
+    FORBIDDEN_PAUSE_S,
+    OutboxSender,
+    utc_iso,
+)
 from agent.channels.tellus.shaping import Backoff, ReconnectBudget, TokenBucket
+
+__all__ = [
+    "CDR_EXTENSION_FIELDS",
+    "DEAD_LETTER_ALARM_CODE",
+    "ENDPOINT_BACKOFF_CEILING_S",
+    "ENDPOINT_BY_KIND",
+    "FORBIDDEN_PAUSE_S",
+    "SEND_ORDER",
+    "Uplink",
+    "UplinkStats",
+    "utc_iso",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -80,28 +99,14 @@ ENDPOINT_BY_KIND = {
 #: Outbox kinds in send order (highest priority first).
 SEND_ORDER: tuple[str, ...] = tuple(sorted(ENDPOINT_BY_KIND, key=PRIORITY.__getitem__))
 HIGH_CLASS_KINDS = frozenset({"telemetry"})
-#: Optional charging-record fields a strict server may refuse; the one retry drops them.
-CDR_EXTENSION_FIELDS = ("stop_reason", "transaction_id", "direction")
-#: ``fault_code`` of the alarm event raised for a dead-lettered item (project code F-0303).
-DEAD_LETTER_ALARM_CODE = 303
-#: no alarm for these: one about a refused event could be refused the same way, forever;
-#: telemetry is not durable data (a refused sample is logged and counted)
-NO_ALARM_KINDS = frozenset({"event", "telemetry"})
 
 #: Documented per-device limits (platform-api §10): requests per window.
 HIGH_LIMIT_PER_S = 10
 OTHER_LIMIT_PER_MIN = 60
-FORBIDDEN_PAUSE_S = 300.0
 LONG_POLL_READ_MARGIN_S = 15.0
-IDLE_RECHECK_S = 30.0  # the outbox wakes the sender on every put; this is only a safety net
 #: no success for this long after a failed request: probe the link with a heartbeat now
 PROBE_AFTER_S = 5.0
 HEARTBEAT_MIN_SPACING_S = 1.0
-ENDPOINT_BACKOFF_CEILING_S = 23.0
-
-
-def utc_iso() -> str:
-    return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 class OutboxLike(Protocol):
@@ -134,21 +139,6 @@ class UplinkStats:
     heartbeats_attempted: int = 0
     #: kind -> last transient failure of that endpoint while the link stayed up
     endpoint_errors: dict[str, str] = field(default_factory=dict)
-
-
-def without_extensions(payload: dict[str, Any]) -> dict[str, Any] | None:
-    """The charging record without its optional extension fields, or None if it had none."""
-    if not any(k in payload for k in CDR_EXTENSION_FIELDS):
-        return None
-    return {k: v for k, v in payload.items() if k not in CDR_EXTENSION_FIELDS}
-
-
-def _item_key(item: Any) -> str | None:
-    payload = item.payload if isinstance(item.payload, dict) else {}
-    for name in ("record_id", "command_id"):
-        if isinstance(payload.get(name), str):
-            return str(payload[name])
-    return getattr(item, "key", None)
 
 
 class Uplink:
@@ -195,14 +185,7 @@ class Uplink:
                 f"other_per_minute + other_burst must stay within {OTHER_LIMIT_PER_MIN}/min"
             )
         self.backoff = Backoff(rng=self.rng)
-        self._class_backoff = {self.high: Backoff(rng=self.rng), self.other: Backoff(rng=self.rng)}
-        # ceiling 23 s + 30 % jitter < 30 s: a recovered endpoint is retried within 30 s
-        self._kind_backoff = {
-            kind: Backoff(ceiling=ENDPOINT_BACKOFF_CEILING_S, rng=self.rng) for kind in SEND_ORDER
-        }
-        self._retry_at: dict[str, float] = {}
-        self._in_flight: dict[str, asyncio.Task[None]] = {}
-        self._sender_wake = asyncio.Event()
+        self.sender = OutboxSender(self, SEND_ORDER, self.rng)
         self.budget = ReconnectBudget(clock=clock)
         #: clock times at which a reconnect was needed (F-0302 counts these)
         self._reconnects_wanted: deque[float] = deque()
@@ -226,6 +209,35 @@ class Uplink:
     def online(self) -> bool:
         return self._online.is_set()
 
+    # the surface the outbox sender uses (agent.channels.tellus.sender.SenderHost)
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    async def wait_online(self) -> None:
+        await self._online.wait()
+
+    async def post(self, kind: str, body: Any, bucket: TokenBucket) -> ApiResult:
+        return await self._call(
+            "POST", ENDPOINT_BY_KIND[kind], endpoint=kind, body=body, retry_bucket=bucket
+        )
+
+    async def shape(self, bucket: TokenBucket) -> None:
+        await self._shape(bucket)
+
+    async def sleep_unless(self, wakes: list[Awaitable[Any]], seconds: float) -> None:
+        await self._sleep_unless(wakes, seconds)
+
+    def bucket_for(self, kind: str) -> TokenBucket:
+        return self._bucket_for(kind)
+
+    def mark_offline(self, reason: str) -> None:
+        self._mark_offline(reason)
+
+    def recover_credentials(self, result: ApiResult) -> None:
+        self._recover_credentials(result)
+
     def reconnect_storm(self) -> bool:
         """F-0302: more than ``budget.limit`` reconnects wanted within ``budget.window``."""
         now = self.clock()
@@ -244,7 +256,7 @@ class Uplink:
             asyncio.create_task(
                 self._guarded("heartbeat", self._heartbeat_loop), name="uplink-heartbeat"
             ),
-            asyncio.create_task(self._guarded("sender", self._sender_loop), name="uplink-sender"),
+            asyncio.create_task(self._guarded("sender", self.sender.run), name="uplink-sender"),
         ]
         self._start_polls()
 
@@ -265,7 +277,7 @@ class Uplink:
         current = asyncio.current_task()
         tasks = [
             t
-            for t in self._tasks + self._poll_tasks + list(self._in_flight.values())
+            for t in self._tasks + self._poll_tasks + list(self.sender.in_flight.values())
             if t is not current
         ]
         for task in tasks:
@@ -527,160 +539,6 @@ class Uplink:
             for fut in (sleeper, *wakers):
                 fut.cancel()
             await asyncio.gather(sleeper, *wakers, return_exceptions=True)
-
-    async def _sender_loop(self) -> None:
-        """Hand the next token to the most urgent ready kind; each kind sends on its own.
-
-        A kind is ready when it has no request in flight, its endpoint is not backing off
-        and its class is not paused by a 429.
-        """
-        while self._running:
-            await self._wait_online()
-            now = self.clock()
-            waits = [
-                at - now
-                for kind, at in self._retry_at.items()
-                if at > now and kind not in self._in_flight
-            ]
-            waits += [b.paused_for() for b in (self.high, self.other) if b.paused_for() > 0]
-            kinds = [
-                k
-                for k in SEND_ORDER
-                if k not in self._in_flight
-                and self._retry_at.get(k, 0.0) <= now
-                and self._bucket_for(k).paused_for() <= 0
-            ]
-            items = await self.outbox.next_batch(1, kinds=kinds) if kinds else []
-            if not items:
-                wakes: list[Awaitable[Any]] = [self._sender_wake.wait()]
-                if kinds:
-                    wakes.append(self.outbox.wait_for_items(kinds=kinds))
-                await self._sleep_unless(wakes, min([IDLE_RECHECK_S, *waits]))
-                self._sender_wake.clear()
-                continue
-            item = items[0]
-            bucket = self._bucket_for(item.kind)
-            delay = bucket.delay()
-            if delay > 0:
-                await self.sleep(delay)
-                continue  # choose again: something more urgent may have been queued meanwhile
-            if not self.online:
-                continue
-            bucket.take()
-            task = asyncio.create_task(
-                self._send_guarded(item, bucket), name=f"uplink-send-{item.kind}"
-            )
-            self._in_flight[item.kind] = task
-            task.add_done_callback(functools.partial(self._send_done, item.kind))
-
-    def _send_done(self, kind: str, task: asyncio.Task[None]) -> None:
-        if self._in_flight.get(kind) is task:
-            del self._in_flight[kind]
-        self._sender_wake.set()
-
-    async def _send_guarded(self, item: Any, bucket: TokenBucket) -> None:
-        try:
-            await self._send_item(item, bucket)
-        except asyncio.CancelledError:
-            raise
-        except AuthError as exc:
-            await self.outbox.nack(item.id, str(exc))
-            self._mark_offline(str(exc))
-        except Exception as exc:  # never lose the sender over one item
-            self.stats.last_error = f"send {item.kind}: {type(exc).__name__}: {exc}"
-            log.exception("uplink_send_error", kind=item.kind, item_id=item.id)
-            self._retry_at[item.kind] = self.clock() + self._kind_backoff[item.kind].next_delay()
-
-    async def _post(self, item: Any, body: Any, bucket: TokenBucket) -> ApiResult:
-        return await self._call(
-            "POST", ENDPOINT_BY_KIND[item.kind], endpoint=item.kind, body=body, retry_bucket=bucket
-        )
-
-    async def _send_item(self, item: Any, bucket: TokenBucket) -> None:
-        result = await self._post(item, item.payload, bucket)
-        if result.kind == "permanent" and item.kind == "charging_record":
-            stripped = without_extensions(item.payload)
-            if stripped is not None:
-                log.warning(
-                    "charging_record_refused_retry_without_extensions",
-                    item_id=item.id,
-                    record_id=item.payload.get("record_id"),
-                    error=result.describe(),
-                )
-                await self._shape(bucket)
-                result = await self._post(item, stripped, bucket)
-        kind = result.kind
-        backoff = self._class_backoff[bucket]
-        kind_backoff = self._kind_backoff[item.kind]
-        if kind == "ok" or (kind == "conflict" and item.kind == "charging_record"):
-            await self.outbox.ack(item.id)
-            backoff.reset()
-            kind_backoff.reset()
-            self._retry_at.pop(item.kind, None)
-            self.stats.sent[item.kind] = self.stats.sent.get(item.kind, 0) + 1
-        elif kind in ("permanent", "conflict") or (
-            kind == "not_found" and item.kind == "command_status"
-        ):
-            await self._dead_letter(item, result.describe())
-        elif kind == "rate_limited":
-            self.stats.rate_limited += 1
-            pause = result.retry_after or backoff.next_delay()
-            log.warning("rate_limited", kind=item.kind, pause_s=round(pause, 1))
-            bucket.pause(pause)
-            await self.outbox.nack(item.id, result.describe())
-        elif kind == "forbidden":
-            log.error("upload_forbidden", kind=item.kind, error=result.describe())
-            await self.outbox.nack(item.id, result.describe())
-            self._retry_at[item.kind] = self.clock() + FORBIDDEN_PAUSE_S
-        elif kind in ("auth", "not_found"):
-            await self.outbox.nack(item.id, result.describe())
-            self._recover_credentials(result)
-        else:  # transient: this endpoint backs off; the others keep going
-            await self.outbox.nack(item.id, result.describe())
-            delay = kind_backoff.next_delay()
-            self._retry_at[item.kind] = self.clock() + delay
-            log.warning(
-                "upload_retry", kind=item.kind, item_id=item.id, in_s=round(delay, 1),
-                error=result.describe(),
-            )
-
-    async def _dead_letter(self, item: Any, reason: str) -> None:
-        """Keep a permanently refused item in the dead-letter table, visibly."""
-        log.error("upload_rejected", kind=item.kind, item_id=item.id, error=reason)
-        await self.outbox.dead_letter(item.id, reason)
-        self.stats.dead_lettered += 1
-        key = _item_key(item)
-        self.stats.last_dead_letter = {
-            "kind": item.kind,
-            "key": key,
-            "reason": reason,
-            "at": utc_iso(),
-        }
-        if item.kind in NO_ALARM_KINDS:
-            return
-        payload = item.payload if isinstance(item.payload, dict) else {}
-        connector = payload.get("connector_id")
-        if not isinstance(connector, int) or isinstance(connector, bool) or connector < 1:
-            connector = min(self.connector_ids) if self.connector_ids else 1
-        what = f"{item.kind.replace('_', ' ')} {key}" if key else item.kind.replace("_", " ")
-        await self.outbox.put(
-            "event",
-            {
-                "timestamp": utc_iso(),
-                "event_type": "alarm",
-                "connector_id": connector,
-                "data": {
-                    "fault_code": DEAD_LETTER_ALARM_CODE,
-                    "fault_message": f"F-0303 {what} refused by the platform; kept on the charger",
-                    "details": {
-                        "fault_id": "F-0303",
-                        "kind": item.kind,
-                        "key": key,
-                        "reason": reason[:200],
-                    },
-                },
-            },
-        )
 
     async def _poll_loop(self, connector_id: int, generation: int) -> None:
         backoff = Backoff(rng=self.rng)
