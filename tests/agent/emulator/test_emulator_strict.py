@@ -147,3 +147,17 @@ async def test_heartbeat_only_delivery_hands_out_a_connector_command_without_its
     assert (await device.poll({"connector_id": "2", "wait": "1"})).data["command_id"] == command_id
     channels = [d.channel for d in (await operator.command(command_id)).deliveries]
     assert channels == [DeliveryChannel.HEARTBEAT, DeliveryChannel.LONG_POLL]
+
+
+async def test_operator_endpoints_for_faults_and_heartbeat_only_commands(
+    emulator: Emulator, device: DeviceClient, operator: OperatorClient
+) -> None:
+    view = await operator.inject_fault("telemetry", "internal_error", 30)
+    assert view.active and view.mode is FaultMode.INTERNAL_ERROR
+    failed = await device.post(DeviceEndpoint.TELEMETRY, TELEMETRY)
+    assert (failed.status, failed.code) == (500, ErrorCode.INTERNAL_ERROR)
+    await operator.clear_faults()
+    assert_ok(await device.post(DeviceEndpoint.TELEMETRY, TELEMETRY))
+    command_id = await operator.queue_command("stop_charging", connector_id=2, channel="heartbeat")
+    assert (await device.poll({"connector_id": "2", "wait": "1"})).data is None
+    assert [c["command_id"] for c in (await device.heartbeat()).data["commands"]] == [command_id]
