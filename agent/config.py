@@ -62,6 +62,9 @@ class ChargerSection(StrictModel):
     model: str = Field(..., min_length=1)
     manufacturer: str = Field(..., min_length=1)
     mac: str | None = Field(None, pattern=r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
+    firmware_version: str | None = Field(
+        None, min_length=1, max_length=64, description="charger firmware version sent at registration (default: the agent version)"
+    )
     state_dir: Path = Path("/var/lib/charger-agent")
     timezone: str = "UTC"
     v2g_capable: bool = False
@@ -113,6 +116,9 @@ class DiagnosticsSection(StrictModel):
     reboot_command: list[str] = Field(["systemctl", "reboot"], min_length=1, description="run for reboot_action = system")
     journald_unit: str = Field("charger-agent.service", min_length=1, description="unit whose journal fetch_logs bundles")
     reconnect_timeout_s: float = Field(30.0, ge=1.0, le=600.0, description="force_reconnect waits this long to be online")
+    log_upload_url: str | None = Field(
+        None, min_length=1, max_length=4096, description="fetch_logs target when the command names none"
+    )
 
 
 class LoggingSection(StrictModel):

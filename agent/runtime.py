@@ -140,6 +140,7 @@ class Agent:
                 active_s=cfg.platform.telemetry_active_interval_s,
                 idle_s=cfg.platform.telemetry_idle_interval_s,
                 component_health=health.build if cfg.platform.send_component_health else None,
+                health_missing=health.missing if cfg.platform.send_component_health else None,
             )
 
             limits = PowerLimits(
@@ -159,7 +160,7 @@ class Agent:
             await lifecycle.report_pending_reboot(reporter.command_status)
             await reporter.drain()
             self.services = services = DiagnosticServices(
-                self.loaded, store, hardware, lifecycle, service_mode, archive, lambda: self.channel
+                self.loaded, store, hardware, lifecycle, service_mode, archive, lambda: self.channel, health
             )
             firmware = FirmwareManager(
                 cfg.firmware,
@@ -180,7 +181,7 @@ class Agent:
             await scheduler.load()
             specs = {
                 **operational_specs(limits, scheduler, v2g_capable=cfg.charger.v2g_capable),
-                **diagnostic_specs(services),
+                **diagnostic_specs(services, default_upload_url=cfg.diagnostics.log_upload_url),
                 "firmware_upgrade": firmware_command_spec(firmware),
             }
             dispatcher = Dispatcher(store.ledger, reporter, self.connectors, specs, ready=hardware.wait_ready)
@@ -201,7 +202,9 @@ class Agent:
             await status_writer.start()
             stack.push_async_callback(status_writer.stop)
             if cfg.platform.enabled:
-                self.channel = channel = TellusChannel(cfg, store, faults, dispatcher.deliver, ids)
+                self.channel = channel = TellusChannel(
+                    cfg, store, faults, dispatcher.deliver, ids, firmware_version=firmware.installed_version
+                )
                 reporter.on_fault_change = channel.fault_changed
                 checks.append(channel.check_reconnect_storm)
                 await channel.start()
@@ -220,6 +223,7 @@ class Agent:
             if not lifecycle.reboot_requested:
                 await cancel_background()
             await stop_tasks(tasks)
+            await dispatcher.close()
             await hardware.stop(SHUTDOWN_STOP_REASON, suspend=lifecycle.suspend_sessions_on_stop())
             await reporter.drain()
             if self.channel is not None:

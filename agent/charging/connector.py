@@ -188,6 +188,10 @@ class Connector:
     def in_session(self) -> bool:
         return self.session is not None or self.state in (ConnectorState.PREPARING, ConnectorState.FINISHING)
 
+    def busy(self) -> bool:
+        """In a session, or a start is armed and not yet picked up (``request_stop`` cancels it)."""
+        return self.in_session() or self._pending is not None
+
     def request_start(self, request: SessionRequest) -> None:
         """Arm a session. Raises :class:`Rejected` (with the reason) when it cannot start now."""
         if self.state is ConnectorState.UNAVAILABLE:

@@ -55,6 +55,7 @@ FAULTS: dict[str, FaultDef] = {
         FaultDef("F-0452", "Energy meter frozen", Severity.ERROR, True, "project"),
         FaultDef("F-0801", "Control pilot error", Severity.ERROR, True, "project"),
         FaultDef("F-0802", "Output voltage present before contactor close", Severity.ERROR, True, "project"),
+        FaultDef("F-0303", "Upload refused by the platform (kept as a dead letter)", Severity.WARNING, False, "project"),
     )
 }
 

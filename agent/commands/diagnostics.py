@@ -16,6 +16,7 @@ The handlers only use :class:`AgentServices`, the narrow surface the runtime off
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any, Literal, Protocol
 
 import structlog
@@ -73,6 +74,9 @@ class AgentServices(Protocol):
     def service_mode_on(self) -> bool: ...
     async def calibrate(self, sensor: str, reference: float) -> dict[str, Any]: ...
     async def reset_fan_counter(self, fan: str | int | None) -> dict[str, Any]: ...
+    async def reset_discharge_cycles(self, connector_id: int) -> int:
+        """``discharge_contactor_cycles`` of a V2G connector back to 0; the previous count."""
+        ...
 
 
 def _run_in_background(ctx: CommandContext, work: Any, name: str) -> None:
@@ -105,7 +109,19 @@ async def cancel_background() -> None:
     await stop_tasks(list(_BACKGROUND))
 
 
-def diagnostic_specs(services: AgentServices) -> dict[str, CommandSpec]:
+def _with_default_target(default_upload_url: str | None) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    def prepare(params: dict[str, Any]) -> dict[str, Any]:
+        if default_upload_url and "upload_url" not in params:
+            return {**params, "upload_url": default_upload_url}
+        return params
+
+    return prepare
+
+
+def diagnostic_specs(services: AgentServices, *, default_upload_url: str | None = None) -> dict[str, CommandSpec]:
+    """The diagnostic commands. ``fetch_logs`` without ``upload_url`` uploads to
+    ``default_upload_url`` (``[diagnostics] log_upload_url``); with none configured it is
+    rejected naming ``params.upload_url``."""
     async def reboot(ctx: CommandContext) -> None:
         p: RebootParams = ctx.params
         if services.any_session() and not p.force:
@@ -114,6 +130,9 @@ def diagnostic_specs(services: AgentServices) -> dict[str, CommandSpec]:
             async def wait_then_reboot() -> None:
                 while services.any_session():
                     await asyncio.sleep(1.0)
+                if ctx.expired():  # the deferred reboot starts only now: expiry counts now
+                    ctx.report("rejected", "expired", {"deferred": True})
+                    return
                 await services.schedule_reboot(ctx.command_id)
 
             _run_in_background(ctx, wait_then_reboot(), "reboot")
@@ -199,10 +218,16 @@ def diagnostic_specs(services: AgentServices) -> dict[str, CommandSpec]:
     async def reset_contactor_counter(ctx: CommandContext) -> None:
         targets = [ctx.connector] if ctx.connector is not None else list(services.connectors.values())
         previous = {}
+        discharge: dict[str, int] = {}
         for connector in targets:
             previous[str(connector.id)] = connector.reset_contactor_cycles()
+            if connector.supports_discharge:  # the V2G discharge contactor's count too
+                discharge[str(connector.id)] = await services.reset_discharge_cycles(connector.id)
         ctx.accepted("resetting contactor counters")
-        ctx.completed("contactor counters reset", {"previous_cycles": previous})
+        details: dict[str, Any] = {"previous_cycles": previous}
+        if discharge:
+            details["previous_discharge_contactor_cycles"] = discharge
+        ctx.completed("contactor counters reset", details)
 
     async def reset_fan_counter(ctx: CommandContext) -> None:
         p: ResetFanParams = ctx.params
@@ -228,7 +253,9 @@ def diagnostic_specs(services: AgentServices) -> dict[str, CommandSpec]:
         "reboot": CommandSpec("reboot", RebootParams, "device", reboot, low),
         "soft_reset": CommandSpec("soft_reset", NoParams, "device", soft_reset, low),
         "force_reconnect": CommandSpec("force_reconnect", NoParams, "device", force_reconnect, low),
-        "fetch_logs": CommandSpec("fetch_logs", FetchLogsParams, "device", fetch_logs, low),
+        "fetch_logs": CommandSpec(
+            "fetch_logs", FetchLogsParams, "device", fetch_logs, low, prepare=_with_default_target(default_upload_url)
+        ),
         "run_self_test": CommandSpec("run_self_test", NoParams, "device", run_self_test, medium),
         "calibrate_sensor": CommandSpec("calibrate_sensor", CalibrateParams, "device", calibrate_sensor, medium),
         "reset_contactor_counter": CommandSpec("reset_contactor_counter", NoParams, "device", reset_contactor_counter, low),

@@ -11,7 +11,14 @@ For every delivered command, in this order:
 4. Unknown command -> ``rejected`` naming it; invalid params -> ``rejected`` naming
    the field (``params.target_soc: ...``).
 5. Connector-scoped commands need a connector: ``params.connector_id``, else the
-   long-poll it came on, else the only connector; otherwise ``rejected``.
+   long-poll it came on, else the one connector the command can only mean
+   (:mod:`agent.commands.resolve`; ``set_power_limit``/``pause_charging`` without
+   ``params.connector_id`` are resolved the same way from any channel). When several
+   connectors fit, the command is held ``hold_s`` seconds: a copy of the same
+   ``command_id`` arriving on a connector's long-poll meanwhile is executed there (the
+   copy is not a duplicate); otherwise it is decided again and, still ambiguous,
+   ``rejected`` naming the candidates. A command rejected only for that ambiguity is
+   re-opened, not treated as a duplicate, when it arrives later on a long-poll.
 6. Risk class (§14.2): a medium-risk command is refused while a session runs.
 7. The handler runs; it reports ``accepted`` (and later ``completed``/``failed``) or
    raises :class:`agent.charging.connector.Rejected`; any other exception ends the command
@@ -29,7 +36,9 @@ from typing import Any, Awaitable, Callable, Literal, Protocol
 
 import structlog
 
+from hal.tasks import stop_tasks
 from agent.commands.params import Params, parse
+from agent.commands.resolve import AMBIGUOUS_PREFIX, DEVICE_WIDE_WHEN_IDLE, ambiguity_message, resolve
 from agent.charging.connector import Connector, Rejected
 from agent.utctime import parse_iso, utc_now
 
@@ -50,6 +59,12 @@ class CommandContext:
     connector: Connector | None
     channel: str
     report: Callable[[str, str | None, dict[str, Any] | None], None]
+    expiry: datetime | None = None
+    now: Callable[[], datetime] = utc_now
+
+    def expired(self) -> bool:
+        """Whether ``expiry`` has passed: deferred work checks again when it actually starts."""
+        return self.expiry is not None and self.expiry <= self.now()
 
     def accepted(self, message: str | None = None, details: dict[str, Any] | None = None) -> None:
         self.report("accepted", message, details)
@@ -77,11 +92,14 @@ class CommandSpec:
     run: Run
     risk: Literal["low", "medium"] = "low"
     own_session_check: bool = False
+    #: fills configured defaults into the raw params before validation (e.g. a default target)
+    prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
 
 class LedgerLike(Protocol):
     async def record_received(self, command_id: str, command: str, connector_id: int | None, params: Any) -> Any: ...
     async def resend_last_status(self, command_id: str) -> int | None: ...
+    async def reopen(self, command_id: str) -> bool: ...
     async def audit(
         self, source: str, command_id: str | None, command: str | None, params: Any, outcome: str, message: str | None = None
     ) -> int: ...
@@ -109,10 +127,14 @@ class Dispatcher:
         *,
         now: Callable[[], datetime] = utc_now,
         ready: Callable[[], Awaitable[None]] | None = None,
+        hold_s: float = 5.0,
     ) -> None:
         """``ready`` is awaited before each command (a soft reset in progress: until the
         connectors are rebuilt), so no command meets a half-rebuilt ``connectors`` set."""
         self.ledger = ledger
+        self.hold_s = hold_s
+        #: command_id -> the task holding an ambiguous connector command
+        self._held: dict[str, asyncio.Task[None]] = {}
         self.sink = sink
         self.connectors = connectors
         self.specs = specs
@@ -121,17 +143,52 @@ class Dispatcher:
         self._tasks: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
 
-    async def deliver(self, raw: Any, channel: str, connector_id: int | None) -> None:
+    async def deliver(
+        self, raw: Any, channel: str, connector_id: int | None, *, _after_hold: bool = False
+    ) -> None:
         """Handle one delivered command. Never raises (bad input becomes a report)."""
         try:
             async with self._lock:  # one command at a time: arrival order per connector
                 if self.ready is not None:
                     await self.ready()
-                await self._deliver(raw, channel, connector_id)
+                await self._deliver(raw, channel, connector_id, _after_hold)
         except Exception:
             log.exception("dispatch_error", channel=channel)
 
-    async def _deliver(self, raw: Any, channel: str, channel_connector: int | None) -> None:
+    async def close(self) -> None:
+        """Cancel the holds still waiting (their commands end ``failed`` at the next start)."""
+        await stop_tasks(list(self._held.values()))
+
+    def _hold(self, raw: dict[str, Any], channel: str) -> None:
+        command_id = raw["command_id"]
+
+        async def release() -> None:
+            await asyncio.sleep(self.hold_s)
+            if self._held.get(command_id) is task:
+                del self._held[command_id]
+                await self.deliver(raw, channel, None, _after_hold=True)
+
+        task = asyncio.create_task(release(), name=f"command-hold-{command_id}")
+        self._held[command_id] = task
+
+    async def _repeat_may_run(
+        self, entry: Any, command_id: str, channel_connector: int | None, after_hold: bool
+    ) -> bool:
+        """Whether a known ``command_id`` is decided again instead of being a duplicate."""
+        if channel_connector is None or after_hold:
+            return False
+        held = self._held.pop(command_id, None)
+        if held is not None:  # the long-poll copy of a held command: run it there
+            held.cancel()
+            return True
+        message = getattr(entry, "message", None) or ""
+        if getattr(entry, "status", None) == "rejected" and message.startswith(AMBIGUOUS_PREFIX):
+            return await self.ledger.reopen(command_id)
+        return False
+
+    async def _deliver(
+        self, raw: Any, channel: str, channel_connector: int | None, after_hold: bool = False
+    ) -> None:
         if not isinstance(raw, dict) or not isinstance(raw.get("command_id"), str) or not raw["command_id"]:
             log.warning("command_without_id", channel=channel, payload=str(raw)[:200])
             await self.ledger.audit(channel, None, None, None, "dropped", "no command_id: cannot be reported")
@@ -143,7 +200,13 @@ class Dispatcher:
         received = await self.ledger.record_received(
             command_id, name, channel_connector, params if isinstance(params, dict) else {"_invalid": str(params)[:200]}
         )
+        copy_of_held = False
         if not received.is_new:
+            copy_of_held = await self._repeat_may_run(received.entry, command_id, channel_connector, after_hold)
+        if not received.is_new and not copy_of_held and not after_hold:
+            if command_id in self._held:  # another copy without a connector: still held
+                await self.ledger.audit(channel, command_id, name, None, "duplicate", "held")
+                return
             await self.ledger.resend_last_status(command_id)
             await self.ledger.audit(channel, command_id, name, None, "duplicate", "already received; last status re-sent")
             return
@@ -162,6 +225,7 @@ class Dispatcher:
             reject("command: expected a non-empty string")
             await audit("rejected", "command missing")
             return
+        expiry: datetime | None = None
         if raw.get("expiry") is not None:
             try:
                 expiry = _parse_expiry(raw["expiry"])
@@ -179,35 +243,38 @@ class Dispatcher:
             reject(message)
             await audit("rejected", "unknown command")
             return
+        prepared = spec.prepare(params) if spec.prepare is not None and isinstance(params, dict) else params
         try:
-            model = parse(spec.params, params)
+            model = parse(spec.params, prepared)
         except ValueError as exc:
             reject(str(exc))
             await audit("rejected", str(exc))
             return
         connector: Connector | None = None
-        target = model.connector_id if model.connector_id is not None else channel_connector
-        if spec.scope == "connector":
-            if target is None and len(self.connectors) == 1:
-                target = next(iter(self.connectors))
-            if target is None:
-                msg = "params.connector_id: required for this command when it arrives without a connector (heartbeat)"
-                reject(msg)
-                await audit("rejected", msg)
+        target: int | None = None
+        if model.connector_id is not None:
+            target = model.connector_id
+        elif channel_connector is not None and (copy_of_held or spec.scope == "connector"):
+            target = channel_connector
+        elif spec.scope == "connector" or command in DEVICE_WIDE_WHEN_IDLE:
+            resolution = resolve(command, self.connectors)
+            if resolution.ambiguous and not after_hold:
+                self._hold(raw, channel)
+                await audit("held", f"candidates {resolution.candidates}; waiting {self.hold_s:g} s for a long-poll copy")
                 return
+            refusal = ambiguity_message(command, resolution.candidates) if resolution.ambiguous else resolution.reason
+            if refusal is not None:
+                reject(refusal)
+                await audit("rejected", refusal)
+                return
+            target = resolution.connector_id
+        if target is not None:
             if target not in self.connectors:
                 msg = f"params.connector_id: unknown connector {target} (have {sorted(self.connectors)})"
                 reject(msg)
                 await audit("rejected", msg)
                 return
             connector = self.connectors[target]
-        elif model.connector_id is not None:
-            if model.connector_id not in self.connectors:
-                msg = f"params.connector_id: unknown connector {model.connector_id} (have {sorted(self.connectors)})"
-                reject(msg)
-                await audit("rejected", msg)
-                return
-            connector = self.connectors[model.connector_id]
         if spec.risk == "medium" and not spec.own_session_check:
             busy = sorted(cid for cid, c in self.connectors.items() if c.in_session())
             if busy:
@@ -215,7 +282,7 @@ class Dispatcher:
                 reject(msg)
                 await audit("rejected", msg)
                 return
-        ctx = CommandContext(command_id, command, model, connector, channel, report)
+        ctx = CommandContext(command_id, command, model, connector, channel, report, expiry, self.now)
         try:
             await spec.run(ctx)
         except Rejected as exc:

@@ -9,13 +9,14 @@
 
 from agent.emulator.app import Emulator, build_context, create_app
 from agent.emulator.operator_client import OperatorClient, OperatorRequestError
-from agent.emulator.operator_models import DeliveryChannel, OutageMode, RequestKind
+from agent.emulator.operator_models import DeliveryChannel, FaultMode, OutageMode, RequestKind
 from agent.emulator.state import EmulatorSettings
 
 __all__ = [
     "DeliveryChannel",
     "Emulator",
     "EmulatorSettings",
+    "FaultMode",
     "OperatorClient",
     "OperatorRequestError",
     "OutageMode",

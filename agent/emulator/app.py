@@ -14,8 +14,17 @@ from aiohttp import web
 from agent.channels.tellus.models import RATE_LIMITS, RateLimit, RateLimitClass
 from agent.emulator.context import CONTEXT, EmulatorContext
 from agent.emulator.device_routes import API_PREFIX, add_device_routes, device_api_middleware
+from agent.emulator.faults import EndpointFaults
 from agent.emulator.longpoll import CommandBroker
-from agent.emulator.operator_models import OutageMode, OutageView, ReceivedRequest, RequestKind
+from agent.emulator.operator_models import (
+    DeliveryChannel,
+    FaultMode,
+    FaultView,
+    OutageMode,
+    OutageView,
+    ReceivedRequest,
+    RequestKind,
+)
 from agent.emulator.operator_routes import (
     OPERATOR_PREFIX,
     add_operator_routes,
@@ -46,7 +55,10 @@ def build_context(
     """
     store = EmulatorStore(settings or EmulatorSettings(), clock)
     return EmulatorContext(
-        store=store, broker=CommandBroker(store), limiter=RateLimiter(clock, rate_limits)
+        store=store,
+        broker=CommandBroker(store),
+        limiter=RateLimiter(clock, rate_limits),
+        faults=EndpointFaults(clock),
     )
 
 
@@ -85,6 +97,11 @@ class Emulator:
         rate_limits: override the limit per class.
         clock: monotonic clock for token expiry, rate limits and outages.
         max_received: how many received requests the log keeps.
+        connectors: the connector ids every registered device has (requests naming another
+            connector are refused with 1001).
+        accept_extensions: accept the project's extension fields (CDR ``stop_reason`` /
+            ``transaction_id`` / ``direction``, telemetry ``component_health``); ``False``
+            behaves like a strict server that refuses every unknown field.
     """
 
     def __init__(
@@ -96,12 +113,16 @@ class Emulator:
         rate_limits: Mapping[RateLimitClass, RateLimit] = RATE_LIMITS,
         clock: Callable[[], float] = time.monotonic,
         max_received: int = 100_000,
+        connectors: tuple[int, ...] = (1, 2),
+        accept_extensions: bool = True,
     ) -> None:
         settings = EmulatorSettings(
             token_ttl=token_ttl,
             secret_ttl=secret_ttl,
             rate_limits_enabled=rate_limits_enabled,
             max_received=max_received,
+            connectors=tuple(connectors),
+            accept_extensions=accept_extensions,
         )
         self.context = build_context(settings, clock=clock, rate_limits=rate_limits)
         self.app = create_app(self.context)
@@ -200,6 +221,7 @@ class Emulator:
         expiry: datetime | None = None,
         command_id: str | None = None,
         deliveries: int = 1,
+        channel: DeliveryChannel | None = None,
     ) -> str:
         """Queue a command (same rules as ``POST /emulator/commands``); returns its id."""
         record = self.context.store.queue_command(
@@ -210,8 +232,30 @@ class Emulator:
             expiry=expiry,
             command_id=command_id,
             deliveries=deliveries,
+            channel=channel,
         )
         return record.command_id
+
+    def redeliver(
+        self,
+        command_id: str,
+        *,
+        channel: DeliveryChannel | None = None,
+        connector_id: int | None = None,
+    ) -> None:
+        """Make ``command_id`` deliverable once more (optionally only on ``channel``; for the
+        long-poll, only to ``connector_id``'s)."""
+        self.context.store.redeliver(command_id, channel=channel, connector_id=connector_id)
+
+    def inject_fault(
+        self, endpoint: RequestKind, mode: FaultMode = FaultMode.INTERNAL_ERROR, seconds: float = 60.0
+    ) -> FaultView:
+        """Make one endpoint fail in ``mode`` for ``seconds`` (see :mod:`agent.emulator.faults`)."""
+        return self.context.faults.inject(endpoint, mode, seconds)
+
+    def clear_faults(self) -> None:
+        """End every injected endpoint fault."""
+        self.context.faults.clear()
 
     def received(
         self, kind: RequestKind | None = None, device_id: str | None = None

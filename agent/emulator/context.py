@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from agent.emulator.faults import EndpointFaults
 from agent.emulator.longpoll import CommandBroker
 from agent.emulator.ratelimit import RateLimiter
 from agent.emulator.state import EmulatorStore
@@ -15,17 +16,20 @@ __all__ = ["CONTEXT", "EmulatorContext"]
 
 @dataclass
 class EmulatorContext:
-    """Everything the route handlers need: state store, long-poll broker, rate limiter."""
+    """Everything the route handlers need: state store, long-poll broker, rate limiter,
+    per-endpoint faults."""
 
     store: EmulatorStore
     broker: CommandBroker
     limiter: RateLimiter
+    faults: EndpointFaults
 
     def reset(self) -> None:
         """Forget all state, end held long-polls with "no command" and clear rate windows."""
         self.broker.release_all()
         self.store.reset()
         self.limiter.reset()
+        self.faults.clear()
 
 
 CONTEXT = web.AppKey("emulator_context", EmulatorContext)

@@ -1,8 +1,11 @@
 """The charger-side platform API (``/v1/device/*``) as served by the emulator.
 
-Processing order for every request: injected outage → bearer authentication (2001/2002)
-→ per-device rate limit (5001) → query/body validation (1001/1002) → the endpoint's own
-rules (4001, 3001). Every response is the ``{code, message, data[, details]}`` envelope with
+Processing order for every request: injected outage → injected fault of this endpoint
+(:mod:`agent.emulator.faults`) → bearer authentication (2001/2002) → per-device rate limit
+(5001) → query/body validation (1001/1002), then the oracle's stricter rules
+(:mod:`agent.emulator.strict`: UTC ``Z`` timestamps, no unknown fields, known connectors,
+kW, CDR consistency, ``component_health`` shape) → the endpoint's own rules (4001, 3001,
+status sequence). Every response is the ``{code, message, data[, details]}`` envelope with
 the HTTP status from the error-code table, except a successful token exchange (plain
 OAuth-style object) and outage responses (plain-text 503 or a dropped connection).
 Every request — accepted, rejected, or abandoned by the client (logged with HTTP status 0)
@@ -43,7 +46,9 @@ from agent.emulator.context import CONTEXT, EmulatorContext
 from agent.emulator.errors import ApiError, envelope
 from agent.emulator.operator_models import OutageMode, RequestKind, kind_of_endpoint
 from agent.emulator.state import Device
+from agent.emulator.strict import check_body, check_connector
 from agent.emulator.validation import (
+    ModelT,
     parse_json_body,
     parse_poll_query,
     validate_body,
@@ -122,8 +127,12 @@ async def device_api_middleware(request: web.Request, handler: Handler) -> web.S
         return web.Response(status=503, text="503 Service Unavailable (emulated outage)")
 
     code: int | None
-    failure: ApiError | None = None
+    failure: ApiError | None = ctx.faults.error(kind)
+    if failure is not None:
+        await _read_body(request)
     try:
+        if failure is not None:
+            raise failure
         response = await handler(request)
         code = request.get(_CODE)
     except ApiError as exc:
@@ -228,6 +237,13 @@ def _rate_limit(request: web.Request, device: Device, limit_class: RateLimitClas
         )
 
 
+def _validated(request: web.Request, model: type[ModelT], raw: bytes) -> ModelT:
+    """The body validated against ``model`` and the oracle's stricter rules."""
+    body = validate_body(model, raw)
+    check_body(body, parse_json_body(raw), _context(request).store.settings)
+    return body
+
+
 def _ok(request: web.Request, data: Any = None) -> web.Response:
     payload = envelope(data)
     request[_RESPONSE] = payload
@@ -241,7 +257,7 @@ def _ok(request: web.Request, data: Any = None) -> web.Response:
 async def register(request: web.Request) -> web.StreamResponse:
     """``POST /v1/device/register`` (no auth): 200 with credentials, 409/4001 for a known sn."""
     raw = await _read_body(request)
-    body = validate_body(DeviceRegisterRequest, raw)
+    body = _validated(request, DeviceRegisterRequest, raw)
     device = _context(request).store.register(body)
     request[_DEVICE_ID] = device.device_id
     data = DeviceRegisterResponse(
@@ -273,7 +289,7 @@ async def heartbeat(request: web.Request) -> web.StreamResponse:
     raw = await _read_body(request)
     device = _authenticate(request)
     _rate_limit(request, device, RateLimitClass.HIGH_FREQUENCY)
-    body = validate_body(HeartbeatRequest, raw)
+    body = _validated(request, HeartbeatRequest, raw)
     device.last_heartbeat = body.to_wire()
     commands = _context(request).store.claim_for_heartbeat(device.device_id)
     return _ok(request, {"commands": [c.wire() for c in commands]})
@@ -284,7 +300,7 @@ async def telemetry(request: web.Request) -> web.StreamResponse:
     raw = await _read_body(request)
     device = _authenticate(request)
     _rate_limit(request, device, RateLimitClass.HIGH_FREQUENCY)
-    validate_body(TelemetryUpload, raw)
+    _validated(request, TelemetryUpload, raw)
     return _ok(request)
 
 
@@ -293,7 +309,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     raw = await _read_body(request)
     device = _authenticate(request)
     _rate_limit(request, device, RateLimitClass.REPORTING)
-    validate_body(EventReport, raw)
+    _validated(request, EventReport, raw)
     return _ok(request)
 
 
@@ -302,7 +318,7 @@ async def charging_records(request: web.Request) -> web.StreamResponse:
     raw = await _read_body(request)
     device = _authenticate(request)
     _rate_limit(request, device, RateLimitClass.REPORTING)
-    body = validate_body(ChargingRecordUpload, raw)
+    body = _validated(request, ChargingRecordUpload, raw)
     _context(request).store.store_charging_record(device.device_id, body)
     return _ok(request)
 
@@ -312,6 +328,7 @@ async def commands(request: web.Request) -> web.StreamResponse:
     await _read_body(request)
     device = _authenticate(request)
     query = parse_poll_query(request.query)
+    check_connector(query.connector_id, _context(request).store.settings)
     claimed = await _context(request).broker.wait_for_command(
         device.device_id,
         query.connector_id,
@@ -326,7 +343,7 @@ async def command_status(request: web.Request) -> web.StreamResponse:
     raw = await _read_body(request)
     device = _authenticate(request)
     _rate_limit(request, device, RateLimitClass.REPORTING)
-    body = validate_body(DeviceCommandStatus, raw)
+    body = _validated(request, DeviceCommandStatus, raw)
     _context(request).store.report_status(device.device_id, body)
     return _ok(request)
 
@@ -335,7 +352,7 @@ async def firmware_status(request: web.Request) -> web.StreamResponse:
     """``POST /v1/device/firmware/status``."""
     raw = await _read_body(request)
     device = _authenticate(request)
-    body = validate_body(FirmwareUpgradeStatus, raw)
+    body = _validated(request, FirmwareUpgradeStatus, raw)
     device.last_firmware_status = body.to_wire()
     return _ok(request)
 

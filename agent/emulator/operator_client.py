@@ -25,6 +25,10 @@ from agent.emulator.operator_models import (
     ConfigUpdate,
     ConfigView,
     DeviceView,
+    DeliveryChannel,
+    FaultMode,
+    FaultRequest,
+    FaultView,
     OutageMode,
     OutageRequest,
     OutageView,
@@ -182,8 +186,10 @@ class OperatorClient:
         expiry: datetime | None = None,
         command_id: str | None = None,
         deliveries: int = 1,
+        channel: DeliveryChannel | str | None = None,
     ) -> str:
-        """Queue a command and return its ``command_id``.
+        """Queue a command and return its ``command_id`` (``channel``: deliver it only there,
+        e.g. ``heartbeat``).
 
         Without ``connector_id`` the command is device-level (any connector's long-poll and
         heartbeats may take it); without ``device_id`` the only registered device is used.
@@ -201,6 +207,7 @@ class OperatorClient:
             expiry=expiry,
             command_id=command_id,
             deliveries=deliveries,
+            channel=DeliveryChannel(channel) if channel is not None else None,
         )
         payload = await self._request("POST", "/commands", body=body)
         return self._parse(QueueCommandResponse, payload).command_id
@@ -254,6 +261,20 @@ class OperatorClient:
         """Fail every device request for ``seconds`` seconds (``http_503`` or ``drop``)."""
         body = OutageRequest(seconds=seconds, mode=OutageMode(mode))
         return self._parse(OutageView, await self._request("POST", "/outage", body=body))
+
+    async def inject_fault(
+        self,
+        endpoint: RequestKind | str,
+        mode: FaultMode | str = FaultMode.INTERNAL_ERROR,
+        seconds: float = 60.0,
+    ) -> FaultView:
+        """Make one device endpoint fail (9001, 403, or 429 without retry_after) for ``seconds``."""
+        body = FaultRequest(endpoint=RequestKind(endpoint), mode=FaultMode(mode), seconds=seconds)
+        return self._parse(FaultView, await self._request("POST", "/faults", body=body))
+
+    async def clear_faults(self) -> None:
+        """End every injected endpoint fault."""
+        await self._request("DELETE", "/faults")
 
     async def outage(self) -> OutageView:
         """Current outage state."""

@@ -23,6 +23,9 @@ __all__ = [
     "ConfigView",
     "DeliveryChannel",
     "DeviceView",
+    "FaultMode",
+    "FaultRequest",
+    "FaultView",
     "OutageMode",
     "OutageRequest",
     "OutageView",
@@ -80,12 +83,43 @@ class OutageMode(StrEnum):
     """Close the connection without sending a response."""
 
 
+class FaultMode(StrEnum):
+    """How one endpoint misbehaves during an injected fault (:mod:`agent.emulator.faults`)."""
+
+    INTERNAL_ERROR = "internal_error"
+    """HTTP 500 with code 9001."""
+    FORBIDDEN = "forbidden"
+    """HTTP 403 with code 2003."""
+    RATE_LIMITED = "rate_limited"
+    """HTTP 429 with code 5001 and no ``retry_after_seconds``."""
+
+
+class FaultRequest(_Request):
+    """``POST /emulator/faults``: one endpoint fails in ``mode`` for ``seconds`` seconds."""
+
+    endpoint: RequestKind
+    mode: FaultMode = FaultMode.INTERNAL_ERROR
+    seconds: float = Field(gt=0, le=86400)
+
+
+class FaultView(_View):
+    """State of one endpoint's injected fault."""
+
+    endpoint: RequestKind
+    active: bool
+    mode: FaultMode | None = None
+    remaining_seconds: float = 0.0
+
+
 class QueueCommandRequest(_Request):
     """``POST /emulator/commands``: queue a command for a device.
 
     ``device_id`` may be omitted when exactly one device is registered. Without
     ``connector_id`` the command is device-level: any connector's long-poll may take it.
     ``deliveries`` > 1 delivers the same ``command_id`` that many times (de-duplication tests).
+    ``channel`` restricts delivery to one channel: ``heartbeat`` hands the command out only
+    in heartbeat responses (without its connector: the wire format has none), as the
+    platform does right after an outage when the heartbeat is the first request through.
     """
 
     device_id: str | None = None
@@ -95,6 +129,7 @@ class QueueCommandRequest(_Request):
     expiry: UtcTimestamp | None = None
     command_id: str | None = Field(default=None, min_length=1)
     deliveries: int = Field(default=1, ge=1, le=100)
+    channel: DeliveryChannel | None = None
 
 
 class QueueCommandResponse(_View):
@@ -226,6 +261,8 @@ class ConfigView(_View):
     token_ttl: float
     secret_ttl: int
     rate_limits_enabled: bool
+    connectors: list[int]
+    accept_extensions: bool
 
 
 class ConfigUpdate(_Request):
@@ -234,4 +271,6 @@ class ConfigUpdate(_Request):
     token_ttl: float | None = Field(default=None, gt=0)
     secret_ttl: int | None = Field(default=None, ge=1)
     rate_limits_enabled: bool | None = None
+    connectors: list[int] | None = Field(default=None, min_length=1)
+    accept_extensions: bool | None = None
 

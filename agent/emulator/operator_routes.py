@@ -20,6 +20,7 @@ from agent.emulator.errors import OperatorError
 from agent.emulator.operator_models import (
     ConfigUpdate,
     ConfigView,
+    FaultRequest,
     OutageRequest,
     QueueCommandRequest,
     QueueCommandResponse,
@@ -109,6 +110,8 @@ async def get_config(request: web.Request) -> web.StreamResponse:
             token_ttl=s.token_ttl,
             secret_ttl=s.secret_ttl,
             rate_limits_enabled=s.rate_limits_enabled,
+            connectors=list(s.connectors),
+            accept_extensions=s.accept_extensions,
         )
     )
 
@@ -123,6 +126,10 @@ async def patch_config(request: web.Request) -> web.StreamResponse:
         s.secret_ttl = update.secret_ttl
     if update.rate_limits_enabled is not None:
         s.rate_limits_enabled = update.rate_limits_enabled
+    if update.connectors is not None:
+        s.connectors = tuple(sorted(set(update.connectors)))
+    if update.accept_extensions is not None:
+        s.accept_extensions = update.accept_extensions
     log.info("config_updated", **update.model_dump(exclude_none=True))
     return await get_config(request)
 
@@ -154,6 +161,7 @@ async def queue_command(request: web.Request) -> web.StreamResponse:
         expiry=body.expiry,
         command_id=body.command_id,
         deliveries=body.deliveries,
+        channel=body.channel,
     )
     return _json(
         QueueCommandResponse(command_id=record.command_id, device_id=record.device_id), 201
@@ -206,6 +214,19 @@ async def start_outage(request: web.Request) -> web.StreamResponse:
     return _json(_ctx(request).store.start_outage(body.seconds, body.mode))
 
 
+async def inject_fault(request: web.Request) -> web.StreamResponse:
+    """``POST /emulator/faults`` (:class:`FaultRequest`) → :class:`FaultView`: one endpoint
+    fails (9001, 403, or 429 without ``retry_after``) while the others work."""
+    body = await _body(request, FaultRequest)
+    return _json(_ctx(request).faults.inject(body.endpoint, body.mode, body.seconds))
+
+
+async def clear_faults(request: web.Request) -> web.StreamResponse:
+    """``DELETE /emulator/faults`` → ``{"cleared": true}``."""
+    _ctx(request).faults.clear()
+    return _json({"cleared": True})
+
+
 async def get_outage(request: web.Request) -> web.StreamResponse:
     """``GET /emulator/outage`` → :class:`OutageView`."""
     return _json(_ctx(request).store.outage())
@@ -255,6 +276,8 @@ def add_operator_routes(app: web.Application) -> None:
     r.add_post(f"{p}/outage", start_outage)
     r.add_get(f"{p}/outage", get_outage)
     r.add_delete(f"{p}/outage", end_outage)
+    r.add_post(f"{p}/faults", inject_fault)
+    r.add_delete(f"{p}/faults", clear_faults)
     r.add_post(f"{p}/tokens/expire", expire_tokens)
     r.add_post(f"{p}/tokens/revoke", revoke_tokens)
     r.add_post(f"{p}/reset", reset)

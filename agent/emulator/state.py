@@ -30,6 +30,7 @@ from agent.channels.tellus.models import (
     utc_now,
 )
 from agent.emulator.errors import ApiError, OperatorError
+from agent.emulator.strict import check_status_sequence
 from agent.emulator.operator_models import (
     ChargingRecordView,
     CommandDelivery,
@@ -67,12 +68,18 @@ class EmulatorSettings:
             the documents define no secret renewal).
         rate_limits_enabled: apply the documented per-device rate limits.
         max_received: how many received requests the log keeps (oldest dropped first).
+        connectors: connector ids of every registered device (the installation record the
+            real platform holds); a request naming another connector is refused (1001).
+        accept_extensions: accept the project's extension fields (see
+            :mod:`agent.emulator.strict`); ``False`` refuses every field the schema lacks.
     """
 
     token_ttl: float = 86400.0
     secret_ttl: int = 86400
     rate_limits_enabled: bool = True
     max_received: int = 100_000
+    connectors: tuple[int, ...] = (1, 2)
+    accept_extensions: bool = True
 
 
 @dataclass
@@ -135,6 +142,8 @@ class CommandRecord:
     remaining_deliveries: int
     deliveries: list[Delivery] = field(default_factory=list)
     statuses: list[CommandStatusReport] = field(default_factory=list)
+    #: deliver only on this channel (None: whichever asks first)
+    channel: DeliveryChannel | None = None
 
     @property
     def pending(self) -> bool:
@@ -143,7 +152,15 @@ class CommandRecord:
 
     def matches_connector(self, connector_id: int) -> bool:
         """Whether a long-poll for ``connector_id`` may take this command."""
+        if self.channel is DeliveryChannel.HEARTBEAT:
+            return False
         return self.connector_id is None or self.connector_id == connector_id
+
+    def matches_heartbeat(self) -> bool:
+        """Whether a heartbeat response may carry this command."""
+        if self.channel is not None:
+            return self.channel is DeliveryChannel.HEARTBEAT
+        return self.connector_id is None
 
     def wire(self) -> dict[str, Any]:
         """The pending-command object sent to the charger."""
@@ -339,11 +356,13 @@ class EmulatorStore:
         expiry: datetime | None = None,
         command_id: str | None = None,
         deliveries: int = 1,
+        channel: DeliveryChannel | None = None,
     ) -> CommandRecord:
         """Queue a command for delivery.
 
         ``device_id`` may be omitted when exactly one device is registered. Commands are
-        delivered even after ``expiry`` (the charger must refuse them itself).
+        delivered even after ``expiry`` (the charger must refuse them itself). ``channel``
+        restricts delivery to the heartbeat or the long-poll.
 
         Raises:
             OperatorError: 404 unknown device, 400 ambiguous/absent device or bad
@@ -372,6 +391,7 @@ class EmulatorStore:
             expiry=expiry,
             queued_at=utc_now(),
             remaining_deliveries=deliveries,
+            channel=channel,
         )
         self._commands[command_id] = record
         log.info(
@@ -385,14 +405,24 @@ class EmulatorStore:
         self._command_ready(device_id)
         return record
 
-    def redeliver(self, command_id: str) -> CommandRecord:
-        """Make a command deliverable once more under the same ``command_id``.
+    def redeliver(
+        self,
+        command_id: str,
+        *,
+        channel: DeliveryChannel | None = None,
+        connector_id: int | None = None,
+    ) -> CommandRecord:
+        """Make a command deliverable once more under the same ``command_id``, optionally
+        only on ``channel`` (and, for the long-poll, only to ``connector_id``'s).
 
         Raises:
             OperatorError: 404 for an unknown command.
         """
         record = self.command(command_id)
         record.remaining_deliveries += 1
+        record.channel = channel
+        if connector_id is not None:
+            record.connector_id = connector_id
         log.info("command_redelivery", command_id=command_id, device_id=record.device_id)
         self._command_ready(record.device_id)
         return record
@@ -442,11 +472,12 @@ class EmulatorStore:
     def claim_for_heartbeat(self, device_id: str) -> list[CommandRecord]:
         """Take every pending device-level command (one delivery each), oldest first.
 
-        A command queued for one connector is left for that connector's long-poll:
-        a heartbeat (and ``PendingCommand``) carries no connector, so a charger with
-        several connectors could not tell where such a command belongs.
+        A command queued for one connector is left for that connector's long-poll
+        (a heartbeat and ``PendingCommand`` carry no connector) -- unless it was queued
+        heartbeat-only, which hands it out here without its connector, as the real
+        platform does.
         """
-        records = [r for r in self._pending(device_id) if r.connector_id is None]
+        records = [r for r in self._pending(device_id) if r.matches_heartbeat()]
         for record in records:
             self._claim(record, DeliveryChannel.HEARTBEAT, None)
         return records
@@ -467,11 +498,14 @@ class EmulatorStore:
         """Append a charger status report to its command's history.
 
         Raises:
-            ApiError: 3001 when the command is unknown or belongs to another device.
+            ApiError: 3001 when the command is unknown or belongs to another device; 1001
+                (field ``status``) for a sequence the platform refuses (see
+                :func:`agent.emulator.strict.check_status_sequence`).
         """
         record = self._commands.get(report.command_id)
         if record is None or record.device_id != device_id:
             raise ApiError(ErrorCode.NOT_FOUND, "command not found", device_id=device_id)
+        check_status_sequence(record.statuses, record.deliveries, report.status.value, device_id)
         wire = report.to_wire()
         record.statuses.append(
             CommandStatusReport(

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from agent.channels.tellus.models import ApiModel, CommandPollQuery, ErrorCode
 from agent.emulator.errors import ApiError
 
-__all__ = ["parse_json_body", "parse_poll_query", "validate_body"]
+__all__ = ["ModelT", "parse_json_body", "parse_poll_query", "validate_body"]
 
 ModelT = TypeVar("ModelT", bound=ApiModel)
 

@@ -19,7 +19,8 @@ def firmware_command_spec(manager: FirmwareManager) -> CommandSpec:
     async def firmware_upgrade(ctx: CommandContext) -> None:
         params: FirmwareUpgradeParams = ctx.params
         try:
-            manager.submit(ctx.command_id, params)
+            expiry = ctx.expiry.timestamp() if ctx.expiry is not None else None
+            manager.submit(ctx.command_id, params, expiry=expiry)
         except FirmwareRejected as exc:
             raise Rejected(str(exc)) from None
 

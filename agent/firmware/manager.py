@@ -74,6 +74,8 @@ from agent.utctime import to_iso
 log = structlog.get_logger(__name__)
 
 PENDING_KEY = "firmware_upgrade"
+#: the version the last successful upgrade installed (the charger firmware version from then on)
+INSTALLED_KEY = "firmware_installed_version"
 __all__ = ["EXIT_UPGRADE_RESTART", "PENDING_KEY", "FirmwareManager", "FirmwareRejected"]
 ACTIVE_STAGES = ("installing", "restarting")
 
@@ -155,6 +157,8 @@ class FirmwareManager:
         self._pending: dict[str, Any] | None = None
         self._gate_running = False
         self._holding = False
+        #: set by :meth:`load` and by a successful upgrade (None: never upgraded here)
+        self.installed_version: str | None = None
 
     # ------------------------------------------------------------------ queries
 
@@ -162,6 +166,8 @@ class FirmwareManager:
         """Read the pending upgrade record (call before interrupted commands are closed)."""
         record = await self.kv.get(PENDING_KEY)
         self._pending = record if isinstance(record, dict) and record.get("command_id") else None
+        installed = await self.kv.get(INSTALLED_KEY)
+        self.installed_version = installed if isinstance(installed, str) and installed else None
         return self._pending
 
     def alive_command_ids(self) -> set[str]:
@@ -173,8 +179,14 @@ class FirmwareManager:
 
     # ------------------------------------------------------------------ command entry
 
-    def submit(self, command_id: str, params: FirmwareUpgradeParams) -> asyncio.Task[None]:
+    def submit(
+        self, command_id: str, params: FirmwareUpgradeParams, *, expiry: float | None = None
+    ) -> asyncio.Task[None]:
         """Start the upgrade in the background (reports ``accepted`` at once).
+
+        ``expiry`` (Unix time, the command's): checked again when the installation actually
+        starts after a deferral; passed by then, the command ends ``rejected`` "expired"
+        and nothing is installed.
 
         Raises :class:`FirmwareRejected` when it cannot start (no key configured, another
         upgrade in progress).
@@ -185,10 +197,19 @@ class FirmwareManager:
             other = (self._pending or {}).get("version") or "another version"
             raise FirmwareRejected(f"firmware_upgrade: an upgrade to {other} is already in progress")
         self.command_status(command_id, "accepted", f"downloading firmware {params.version}", None)
-        self._task = asyncio.create_task(self.run(params, command_id, accepted=True), name=f"firmware-{command_id}")
+        self._task = asyncio.create_task(
+            self.run(params, command_id, accepted=True, expiry=expiry), name=f"firmware-{command_id}"
+        )
         return self._task
 
-    async def run(self, params: FirmwareUpgradeParams, command_id: str, *, accepted: bool = False) -> None:
+    async def run(
+        self,
+        params: FirmwareUpgradeParams,
+        command_id: str,
+        *,
+        accepted: bool = False,
+        expiry: float | None = None,
+    ) -> None:
         """The whole upgrade up to the restart. Never raises (except cancellation)."""
         version = params.version
         record: dict[str, Any] = {
@@ -198,6 +219,8 @@ class FirmwareManager:
             "stage": "downloading",
             "started_at": self.clock(),
         }
+        if expiry is not None:
+            record["expiry"] = expiry
         try:
             if version == self.running_version:
                 await self._fw(version, "success", 100, f"version {version} is already running")
@@ -217,6 +240,9 @@ class FirmwareManager:
             record["installer"] = installer_name
             await self._wait_install_at(params, record)
             await self._wait_idle(record)
+            if record.get("expiry") is not None and float(record["expiry"]) <= self.clock():
+                await self._expired(record)
+                return
             record["stage"] = "installing"
             await self.kv.set(PENDING_KEY, record)
             await self._fw(version, "upgrading", None, f"installing {version} ({installer_name})")
@@ -380,6 +406,17 @@ class FirmwareManager:
             except Exception:
                 log.exception("firmware_release_hold_failed")
 
+    async def _expired(self, record: dict[str, Any]) -> None:
+        """The command's ``expiry`` passed while the installation waited: do not start it."""
+        version = str(record.get("version", "?"))
+        log.warning("firmware_install_expired", version=version, command_id=record.get("command_id"))
+        await self._release_hold()
+        await self._fw(version, "failed", None, "expired before the installation could start")
+        self.command_status(str(record["command_id"]), "rejected", "expired", {"version": version, "deferred": True})
+        await self.kv.delete(PENDING_KEY)
+        self._pending = None
+        self._cleanup_downloads(version)
+
     async def _fail(self, record: dict[str, Any], reason: str) -> None:
         version = str(record.get("version", "?"))
         log.error("firmware_upgrade_failed", version=version, reason=reason, command_id=record.get("command_id"))
@@ -455,6 +492,8 @@ class FirmwareManager:
                 return
             await self.sleep(min(self.poll_s, max(0.0, deadline - self.clock())))
         await installer.mark_good(record)
+        await self.kv.set(INSTALLED_KEY, version)
+        self.installed_version = version
         previous = record.get("previous") or record.get("from_version")
         await self._fw(version, "success", 100, f"version {version} running and online")
         self.command_status(

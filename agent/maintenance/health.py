@@ -22,10 +22,12 @@ Fields, where each value comes from:
 * ``relay_state``: :func:`relay_state` of the main contactor.
 * ``isolation_test_kohms`` / ``last_isolation_test``: the connector's latest passed
   cable check, else the last one persisted by :class:`IsolationHistory` (a restart
-  keeps it).
+  keeps it); before the first cable check ever, the IMD's current fresh reading and its
+  time.
 * V2G-capable connectors only (``hw.bidirectional`` present):
   ``bidirectional_inverter_cycles`` (``Bidirectional.status().cycles``),
-  ``bidirectional_inverter_max_cycles`` (:attr:`HealthConfig.bidirectional_max_cycles`),
+  ``bidirectional_inverter_max_cycles`` (:attr:`HealthConfig.bidirectional_max_cycles`,
+  left out unless configured: the rated life is a property of the installed stage),
   ``harmonic_distortion_v2g_pct`` and ``discharge_contactor_cycles``
   (:class:`DischargeCycles`).
 
@@ -35,8 +37,8 @@ mandatory inside the block, but every stand-in would be a false statement a
 maintenance system acts on: 0 kOhm reads as a dead short, the epoch as a test decades
 overdue, 0 rpm as a stopped fan, 0 degC as a real temperature. So:
 
-* no isolation result ever (new unit, AC connector without IMD): both isolation fields
-  are left out -- they always appear together;
+* no isolation result ever and no fresh IMD reading (AC connector without IMD, IMD not
+  answering yet): both isolation fields are left out -- they always appear together;
 * a temperature sensor missing, unreadable or not configured: its key is left out of
   ``internal_temps`` (the object itself is always present, possibly empty);
 * no thermal device, or no fan of the configured name: ``cooling_fan_rpm`` and
@@ -53,7 +55,9 @@ A platform consumer must read a missing field as "unknown", never as zero.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -61,6 +65,7 @@ import structlog
 from pydantic import Field, model_validator
 
 from agent.charging.session import Session
+from agent.utctime import to_iso
 from agent.store.db import StoreError
 from agent.store.kv import KVStore
 from hal.config import StrictModel
@@ -117,7 +122,9 @@ class HealthConfig(StrictModel):
     contactor_max_cycles_dc: int = Field(
         100_000, ge=1, description="rated cycles when the contactor driver states none (DC)"
     )
-    bidirectional_max_cycles: int = Field(10_000, ge=1, description="rated V2G stage cycles")
+    bidirectional_max_cycles: int | None = Field(
+        None, ge=1, description="rated V2G stage cycles (from its datasheet; omitted when unset)"
+    )
     fan_warning_fraction: float = Field(
         0.85, gt=0.0, le=1.0, description="warning below this fraction of the expected rpm"
     )
@@ -310,6 +317,17 @@ class DischargeCycles:
         return previous
 
 
+def imd_reading(connector: Connector) -> IsolationResult | None:
+    """The IMD's current fresh reading as an isolation result (None without one)."""
+    imd = connector.hw.imd
+    reading = imd.reading() if imd is not None else None
+    if reading is None or reading.resistance_kohm is None or not math.isfinite(reading.resistance_kohm):
+        return None
+    age = max(0.0, time.monotonic() - reading.taken_at)
+    at = datetime.now(UTC) - timedelta(seconds=age)
+    return IsolationResult(float(reading.resistance_kohm), to_iso(at))
+
+
 class ComponentHealth:
     """Builds the §14.1 block and keeps the two counters it persists itself.
 
@@ -323,6 +341,7 @@ class ComponentHealth:
         self.config = config or HealthConfig()
         self.isolation = IsolationHistory(kv)
         self.discharge = DischargeCycles(kv)
+        self._imd_seen: dict[int, IsolationResult] = {}
 
     async def load(self) -> None:
         """Read the persisted isolation results and discharge counts."""
@@ -365,6 +384,10 @@ class ComponentHealth:
         block["internal_temps"] = self._internal_temps(connector)
         block["relay_state"] = relay_state(contactor)
         isolation = self.isolation.latest(connector)
+        if isolation is None:  # no cable check ever: the IMD's reading (kept while it is busy)
+            isolation = imd_reading(connector) or self._imd_seen.get(connector.id)
+            if isolation is not None:
+                self._imd_seen[connector.id] = isolation
         if isolation is not None:
             block["isolation_test_kohms"] = round(isolation.kohm, 1)
             block["last_isolation_test"] = isolation.at
@@ -372,12 +395,38 @@ class ComponentHealth:
         if stage is not None:
             status = stage.status()
             block["bidirectional_inverter_cycles"] = status.cycles
-            block["bidirectional_inverter_max_cycles"] = cfg.bidirectional_max_cycles
+            if cfg.bidirectional_max_cycles is not None:
+                block["bidirectional_inverter_max_cycles"] = cfg.bidirectional_max_cycles
             thd = status.harmonic_distortion_pct
             if thd is not None and math.isfinite(thd):
                 block["harmonic_distortion_v2g_pct"] = round(thd, 2)
             block["discharge_contactor_cycles"] = self.discharge.count(connector.id)
         return block
+
+    def missing(self, connector: Connector, block: dict[str, Any]) -> list[str]:
+        """Fields the hardware could give but ``block`` lacks yet (drivers still starting):
+        the isolation pair with an IMD, the fan fields with the fan, a temperature whose
+        sensor exists. The telemetry sampler waits for these before its first sample."""
+        absent: list[str] = []
+        if connector.hw.imd is not None and "isolation_test_kohms" not in block:
+            absent.append("isolation_test_kohms")
+        thermal = connector.hw.thermal
+        if thermal is None:
+            return absent
+        fan = thermal.fans().get(self.config.fan)
+        if fan is not None and "cooling_fan_rpm" not in block:
+            absent.append("cooling_fan_rpm")
+        names = self.config.internal_temps.model_dump()
+        if connector.config.kind == "dc" and connector.config.outlet_sensor:
+            names["dc_outlet"] = connector.config.outlet_sensor
+        sensors = thermal.temperatures()
+        temps = block.get("internal_temps", {})
+        absent += [
+            f"internal_temps.{key}"
+            for key in INTERNAL_TEMPS
+            if names[key] in sensors and key not in temps
+        ]
+        return absent
 
     def _internal_temps(self, connector: Connector) -> dict[str, float]:
         thermal = connector.hw.thermal

@@ -34,8 +34,10 @@ class TelemetryCompanion:
         active_s: float,
         idle_s: float,
         component_health: Callable[[Connector], dict[str, Any] | None] | None,
+        health_missing: Callable[[Connector, dict[str, Any]], list[str]] | None = None,
     ) -> None:
         self.put = put
+        self.health_missing = health_missing
         self.active_s = active_s
         self.idle_s = idle_s
         self.component_health = component_health
@@ -47,7 +49,12 @@ class TelemetryCompanion:
             connector.add_listener(self)
         self.samplers = {
             cid: TelemetrySampler(
-                c, self.put, active_s=self.active_s, idle_s=self.idle_s, component_health=self.component_health
+                c,
+                self.put,
+                active_s=self.active_s,
+                idle_s=self.idle_s,
+                component_health=self.component_health,
+                health_missing=self.health_missing,
             )
             for cid, c in connectors.items()
         }

@@ -28,6 +28,7 @@ from agent.maintenance.archive import SessionArchive
 from agent.maintenance.archive_export import session_csv_files
 from agent.maintenance.calibration import CalibrationError
 from agent.maintenance.counters import UnknownFanError
+from agent.maintenance.health import ComponentHealth
 from agent.maintenance.logbundle import FetchLogsParams, LogSources, collect_and_upload
 from agent.maintenance.selftest import run_self_test
 from agent.maintenance.service_mode import ServiceMode
@@ -91,6 +92,7 @@ class DiagnosticServices(SessionControl):
         service_mode: ServiceMode,
         archive: SessionArchive | None,
         channel: Callable[[], TellusChannel | None],
+        health: ComponentHealth,
     ) -> None:
         super().__init__(hardware.connectors)
         self.loaded = loaded
@@ -101,6 +103,7 @@ class DiagnosticServices(SessionControl):
         self.service_mode = service_mode
         self.archive = archive
         self.channel = channel
+        self.health = health
 
     def service_mode_on(self) -> bool:
         return self.service_mode.is_on()
@@ -158,6 +161,10 @@ class DiagnosticServices(SessionControl):
         except CalibrationError as exc:
             raise Rejected(str(exc)) from None
         return entry.to_dict()
+
+    async def reset_discharge_cycles(self, connector_id: int) -> int:
+        """``discharge_contactor_cycles`` back to 0 (the discharge contactor was replaced)."""
+        return await self.health.discharge.reset(connector_id)
 
     async def reset_fan_counter(self, fan: str | int | None) -> dict[str, Any]:
         fan_runtime = self.hardware.fan_runtime

@@ -73,7 +73,9 @@ required may be missing or ``None``, and is then shown as ``-``):
      "reconnects_10min": int,       # ReconnectBudget.used()
      "reconnect_limit": int | None, # ReconnectBudget.limit (F-0302 above it)
      "reconnects_total": int | None,
-     "last_error": str | None}
+     "last_error": str | None,
+     "endpoint_errors": {kind: str},   # endpoints backing off while the link is up
+     "last_dead_letter": {"kind", "key", "reason", "at"} | None}
 
 ``last_heartbeat_age_s`` is derived from ``last_heartbeat_at`` and ``taken_at``.
 
@@ -604,7 +606,24 @@ def _uplink_section(uplink: Mapping[str, Any], outbox: Mapping[str, Any]) -> lis
     if outbox.get("storage_alarm"):
         line += "   STORAGE ALARM"
     out.append(line)
+    errors = uplink.get("endpoint_errors")
+    if isinstance(errors, dict):
+        out += [f"  backing off: {kind}: {err}" for kind, err in sorted(errors.items())]
+    out += _dead_letter_lines(uplink, outbox)
     return out
+
+
+def _dead_letter_lines(uplink: Mapping[str, Any], outbox: Mapping[str, Any]) -> list[str]:
+    """One line per dead-letter situation: never silent while the table holds anything."""
+    count = outbox.get("dead_letters")
+    if not isinstance(count, int) or count <= 0:
+        return []
+    last = uplink.get("last_dead_letter")
+    line = f"  DEAD LETTERS: {count} item(s) refused by the platform, kept in outbox_dead"
+    if isinstance(last, dict):
+        what = " ".join(str(v) for v in (last.get("kind"), last.get("key")) if v)
+        line += f"; last: {what} ({last.get('reason')})"
+    return [line]
 
 
 def render_table(status: Mapping[str, Any], *, age_s: float | None = None) -> str:

@@ -281,6 +281,28 @@ class CommandLedger:
 
         return await self._outbox.unit_of_work(job, room_for="command_status")
 
+    async def reopen(self, command_id: str) -> bool:
+        """Clear the ``rejected`` status of ``command_id`` so a new delivery of it can run.
+
+        For a command rejected only because its target connector was ambiguous (it came
+        without one) and now delivered again with a connector: not a duplicate. Returns
+        False (and changes nothing) unless the command's status is ``rejected``. The audit
+        log keeps the earlier decision.
+        """
+
+        def job(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                "UPDATE command_ledger SET status = NULL, message = NULL, details = NULL, "
+                "status_at = NULL, completed = 0 WHERE command_id = ? AND status = 'rejected'",
+                (command_id,),
+            )
+            return cur.rowcount > 0
+
+        reopened = await self._db.run(job)
+        if reopened:
+            log.info("command.reopened", command_id=command_id)
+        return bool(reopened)
+
     async def non_terminal(self) -> list[LedgerEntry]:
         """Commands without a terminal status (e.g. interrupted by a restart), oldest first."""
 

@@ -102,3 +102,18 @@ def test_bad_fan_low_fraction_is_one_problem_line(tmp_path: Path) -> None:
     text = SIM.replace("[charging]\n", "[charging]\nfan_low_fraction = 1.5\n", 1)
     lines = problems(tmp_path, text)
     assert len(lines) == 1 and "charging.fan_low_fraction" in lines[0], lines
+def test_component_health_is_on_in_the_sim_and_dc_examples() -> None:
+    for name in ("sim.toml", "example-dc.toml"):
+        assert load_config(ROOT / "config" / name).model.platform.send_component_health, name
+    sim = load_config(ROOT / "config" / "sim.toml").model
+    assert sim.health.bidirectional_max_cycles is not None  # the V2G stage's rating, configured
+
+
+def test_firmware_version_and_default_log_target_are_optional(tmp_path: Path) -> None:
+    sim = load_config(ROOT / "config" / "sim.toml").model
+    assert sim.charger.firmware_version is None and sim.diagnostics.log_upload_url is None
+    text = SIM.replace('manufacturer = "charger-agent"', 'manufacturer = "charger-agent"\nfirmware_version = "260420.0107"')
+    text += '\n[diagnostics]\nlog_upload_url = "https://uploads.example.com/b.tar.gz"\n'
+    model = load_config(write(tmp_path, text)).model
+    assert model.charger.firmware_version == "260420.0107"
+    assert model.diagnostics.log_upload_url == "https://uploads.example.com/b.tar.gz"

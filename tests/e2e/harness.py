@@ -82,8 +82,9 @@ class Rig:
     def run(self) -> AgentRun:
         return self.runs[-1]
 
-    async def start(self) -> AgentRun:
-        """Start the agent (same state dir, fresh simulator root and log file)."""
+    async def start(self, config: Path | None = None) -> AgentRun:
+        """Start the agent (same state dir, fresh simulator root and log file) on ``config``
+        (default ``config/sim.toml``)."""
         assert not self.runs or self.run.proc.returncode is not None, "previous run still alive"
         index = len(self.runs) + 1
         sim_root = self.workdir / f"sim-{index}"
@@ -91,7 +92,7 @@ class Rig:
         with log_path.open("w") as log_file:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "agent", "run",
-                "--config", str(SIM_CONFIG),
+                "--config", str(config or SIM_CONFIG),
                 "--platform-url", self.emulator.api_url,
                 "--state-dir", str(self.state_dir),
                 "--sim-root", str(sim_root),
@@ -238,6 +239,25 @@ class Rig:
         found.append(str(creds.get("device_secret")))
         found.extend(self.tokens)
         return sorted({s for s in found if s and s != "None"})
+
+
+def sim_config_variant(
+    workdir: Path, *, replace: dict[str, str] | None = None, append: str = ""
+) -> Path:
+    """A copy of ``config/sim.toml`` with exact-text replacements (each must match once) and
+    extra TOML appended, written into ``workdir``."""
+    text = SIM_CONFIG.read_text()
+    for old, new in (replace or {}).items():
+        assert text.count(old) == 1, f"{old!r} is not in sim.toml exactly once"
+        text = text.replace(old, new)
+    path = workdir / "sim-variant.toml"
+    path.write_text(text + append)
+    return path
+
+
+def agent_status(rig: Rig) -> dict[str, Any]:
+    """The agent's own status snapshot (``{state_dir}/status.json``), read-only."""
+    return dict(json.loads((rig.state_dir / "status.json").read_text()))
 
 
 def assert_no_secrets_logged(rig: Rig) -> None:

@@ -1,4 +1,9 @@
-"""Every fault code of the platform's dictionary (issue 4), reproduced end to end.
+"""The nine dictionary fault codes the charger's hardware side raises (issue 4), end to end.
+
+Not here: F-0301 (heartbeat lost) is raised by the platform, not the charger; F-0512
+(configuration profile mismatch) needs a profile the API does not define; F-0302
+(reconnect storm) is checked on the uplink in
+``tests/agent/channels/tellus/test_uplink_isolation.py``.
 
 The whole agent runs in-process on ``config/sim.toml`` (:class:`agent.runtime.Agent`
 with its in-process simulated charger) against the platform emulator. For each

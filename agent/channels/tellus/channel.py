@@ -51,14 +51,18 @@ class TellusChannel:
         faults: FaultBoard,
         deliver: Callable[[Any, str, int | None], Awaitable[None]],
         connector_ids: list[int],
+        *,
+        firmware_version: str | None = None,
     ) -> None:
+        """``firmware_version``: what an upgrade installed; else ``[charger] firmware_version``, else ours."""
         self.cfg = cfg
         self.store = store
         self.faults = faults
         p = cfg.platform
         http = PlatformHttp(p.url, ca_file=p.ca_file, timeout_s=p.request_timeout_s)
         c = cfg.charger
-        identity = Identity(sn=c.serial_number, model=c.model, manufacturer=c.manufacturer, firmware_version=__version__, mac=c.mac)
+        version = firmware_version or c.firmware_version or __version__
+        identity = Identity(sn=c.serial_number, model=c.model, manufacturer=c.manufacturer, firmware_version=version, mac=c.mac)
         tokens = TokenManager(http, store.credentials, identity, lambda i, s: Credentials(device_id=i, device_secret=s))
         self.uplink = Uplink(
             http=http,
@@ -103,9 +107,9 @@ class TellusChannel:
         return False
 
     def check_reconnect_storm(self) -> None:
-        """F-0302 while the reconnect budget of the last 10 minutes is used up."""
+        """F-0302 while more than 5 reconnects were wanted in the last 10 minutes."""
         used = self.uplink.budget.used()
-        self.faults.set("F-0302", None, used >= self.uplink.budget.limit, reconnects_10min=used)
+        self.faults.set("F-0302", None, self.uplink.reconnect_storm(), reconnects_10min=used)
 
     def reached_platform(self) -> bool:
         """The firmware health gate: a heartbeat got through since start."""
@@ -126,4 +130,6 @@ class TellusChannel:
             "reconnect_limit": up.budget.limit,
             "reconnects_total": up.stats.reconnects,
             "last_error": up.stats.last_error,
+            "endpoint_errors": dict(up.stats.endpoint_errors),
+            "last_dead_letter": up.stats.last_dead_letter,
         }

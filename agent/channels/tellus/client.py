@@ -10,7 +10,10 @@
   object (a proxy or captive-portal page) is *not* a success: nothing may leave the
   outbox on an answer that did not come from the platform.
 * Network errors, timeouts, any 5xx and malformed 2xx answers become
-  ``kind == "transient"`` (platform-api §3 Project choice).
+  ``kind == "transient"`` (platform-api §3 Project choice). Only a failure to reach the
+  platform at all (connection refused, DNS, TLS, other socket errors before a request went
+  out) sets :attr:`ApiResult.link_error`: that is what the uplink counts as "link down";
+  a 5xx, ``9001`` or a timeout concerns the one request.
 * ``retry_after`` comes from ``details.retry_after_seconds``, else from a numeric
   ``Retry-After`` header.
 """
@@ -45,6 +48,8 @@ class ApiResult:
     raw: Any = None
     error: str | None = None  # network-level failure or malformed answer
     retry_after_header: float | None = None
+    #: the platform could not be reached at all (connect, DNS, TLS): the link, not the request
+    link_error: bool = False
 
     @property
     def ok(self) -> bool:
@@ -178,10 +183,12 @@ class PlatformHttp:
             raise
         except TimeoutError:
             return ApiResult(None, error=f"timeout after {timeout.total:.0f} s on {method} {path}")
+        except aiohttp.ClientConnectorError as exc:  # refused, DNS, TLS handshake/certificate
+            return ApiResult(None, error=f"{type(exc).__name__}: {exc}", link_error=True)
         except aiohttp.ClientError as exc:
             return ApiResult(None, error=f"{type(exc).__name__}: {exc}")
         except OSError as exc:
-            return ApiResult(None, error=f"network error: {exc}")
+            return ApiResult(None, error=f"network error: {exc}", link_error=True)
         except (
             RuntimeError,
             ValueError,

@@ -5,6 +5,16 @@ Cadence: ``telemetry_active_interval_s`` (5 s) while charging or discharging,
 state change. Values come from the connector's meter; when the meter has no fresh
 reading the sample is skipped (old values are never sent as new). AC connectors
 carry ``phase_details`` (phase_a/b/c); power is kW, negative while discharging.
+
+``state`` follows the connector, except in ``finishing``: while current still flows
+(more than :data:`FLOWING_A`) the sample says ``charging``/``discharging`` -- the
+platform's four states have no ``finishing``, and ``idle`` with 50 A flowing would be
+false.
+
+With ``component_health``, the *first* sample waits (at most ``first_sample_wait_s``)
+until the block holds everything the hardware can give (``health_missing`` empty:
+drivers deliver their first readings within a few seconds of the start), so the first
+sample of a DC connector with an IMD is already complete.
 """
 
 from __future__ import annotations
@@ -19,6 +29,9 @@ from agent.utctime import to_iso, utc_now
 
 log = structlog.get_logger(__name__)
 
+#: above this a connector in ``finishing`` still reports ``charging``/``discharging``
+FLOWING_A = 1.0
+
 
 def sample(connector: Connector, component_health: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """One TelemetryUpload body, or ``None`` when the meter has no fresh reading."""
@@ -26,10 +39,15 @@ def sample(connector: Connector, component_health: dict[str, Any] | None = None)
     if reading is None:
         return None
     state = connector.state
+    telemetry_state = state.telemetry_state
+    if state is ConnectorState.FINISHING and abs(reading.current) > FLOWING_A:
+        session = connector.session
+        discharging = (session is not None and session.request.mode == "discharge") or reading.power_kw < 0
+        telemetry_state = "discharging" if discharging else "charging"
     body: dict[str, Any] = {
         "timestamp": to_iso(utc_now()),
         "connector_id": connector.id,
-        "state": state.telemetry_state,
+        "state": telemetry_state,
         "voltage": round(reading.voltage, 2),
         "current": round(reading.current, 2),
         "power": round(reading.power_kw, 3),
@@ -66,18 +84,38 @@ class TelemetrySampler:
         active_s: float,
         idle_s: float,
         component_health: Callable[[Connector], dict[str, Any] | None] | None = None,
+        health_missing: Callable[[Connector, dict[str, Any]], list[str]] | None = None,
+        first_sample_wait_s: float = 10.0,
     ) -> None:
         self.connector = connector
         self.put = put
         self.active_s = active_s
         self.idle_s = idle_s
         self.component_health = component_health
+        self.health_missing = health_missing
+        self.first_sample_wait_s = first_sample_wait_s
         self._changed = asyncio.Event()
 
     def state_changed(self) -> None:
         self._changed.set()
 
+    async def _health_complete(self) -> None:
+        """Wait (bounded) until the health block lacks nothing the hardware can give."""
+        if self.component_health is None or self.health_missing is None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.first_sample_wait_s
+        missing: list[str] = []
+        while loop.time() < deadline:
+            block = self.component_health(self.connector)
+            missing = self.health_missing(self.connector, block) if block is not None else []
+            if not missing:
+                return
+            await asyncio.sleep(0.25)
+        log.warning("component_health_incomplete", connector=self.connector.id, missing=missing)
+
     async def run(self) -> None:
+        await self._health_complete()
         while True:
             body = sample(self.connector, self.component_health(self.connector) if self.component_health else None)
             if body is not None:

@@ -1,4 +1,4 @@
-"""The uplink service: heartbeat, outbox sender, long-poll loops, one reconnect path.
+"""The uplink service: heartbeat, outbox senders, long-poll loops, one reconnect path.
 
 Contract:
 
@@ -11,26 +11,42 @@ Contract:
   ``code`` 0 or an empty body; ``4001`` for a charging record = already stored).
   A permanent rejection (``1001``/``1002``, or ``4001`` on anything but a charging
   record, or ``3001`` on a command status) moves the item to the dead-letter table;
-  billing data is never deleted silently. Everything else is retried.
-* Send order is strict priority: ``command_status``, ``charging_record``, ``event``,
-  ``firmware_status``, ``telemetry``, oldest first within a kind; the next item is
-  chosen again after every wait, so a newly queued urgent item goes next. A class
-  paused by a 429 is skipped (the other class keeps flowing) until the pause ends.
-* Rate shaping under the per-device limits: heartbeat+telemetry share a bucket of
-  ``high_rate`` req/s (limit 10/s), events+records+statuses(+firmware status) share
-  ``other_per_minute`` req/min (limit 60/min), each with a burst of 1 by default, so
-  neither class can exceed its limit over any window (and CDRs/events never go out
-  faster than 1/s while a backlog drains). A 429 pauses the whole class for
-  ``retry_after_seconds`` (or the class's backoff delay).
-* One supervised reconnect path: any transport failure (network error, timeout,
-  5xx) marks the link offline; every loop then waits while a single supervisor
-  retries with exponential backoff + jitter, never more than 5 reconnects in
-  10 minutes (F-0302 budget, paced two minutes apart once two quick retries failed).
-  ``force_reconnect`` counts against the same budget.
+  billing data is never deleted silently. A charging record refused with
+  ``1001``/``1002`` is first sent once more without the optional extension fields
+  (``stop_reason``, ``transaction_id``, ``direction``; a strict server may refuse
+  unknown fields); refused again, it is dead-lettered. Every dead-lettered record,
+  command status or firmware status queues an ``alarm`` event (code 303) naming it, and
+  ``charger-agent status`` shows the dead letters. Everything else is retried.
+* **Failure isolation per endpoint.** Each outbox kind has its own endpoint, its own
+  in-flight request (at most one: order within a kind is kept) and its own backoff
+  (``min(1 s * 2^n, 23 s)`` + 0-30 % jitter, so a recovered endpoint is retried within
+  30 s) after a 5xx, ``9001`` or timeout; the other
+  kinds keep draining meanwhile, and a 403 holds only its endpoint (5 min). Among the
+  kinds that are ready, priority decides who gets the next token: ``command_status``,
+  ``charging_record``, ``event``, ``firmware_status``, ``telemetry``, oldest first
+  within a kind. A class paused by a 429 is skipped until the pause ends
+  (``retry_after_seconds``, else the class's backoff).
+* The heartbeat has its own loop and never waits behind queued items: it is not shaped
+  by the telemetry bucket (only kept at least 1 s apart and held by a 429 pause), so
+  with ``high_rate + high_burst <= 9`` the high class still stays within 10/s.
+* Rate shaping under the per-device limits: telemetry uses a bucket of ``high_rate``
+  req/s, events+records+statuses(+firmware status) share ``other_per_minute`` req/min
+  (limit 60/min), each with a burst of 1 by default, so neither class can exceed its
+  limit over any window (and CDRs/events never go out faster than 1/s while a backlog
+  drains).
+* **Link down** means every request fails, not one: a connection-level failure
+  (refused, DNS, TLS) marks the link offline at once; a 5xx/``9001``/timeout of one
+  request only backs off that endpoint, and when no request has succeeded for
+  ``PROBE_AFTER_S`` a heartbeat is sent at once as a probe -- the link is declared
+  down only when the heartbeat itself fails that way too, with no success since. Only
+  then does a single supervisor reconnect with exponential backoff + jitter, never more
+  than 5 reconnects in 10 minutes (paced two minutes apart once two quick retries
+  failed); F-0302 is raised when *more than* 5 were wanted in 10 minutes
+  (:meth:`Uplink.reconnect_storm`). ``force_reconnect`` counts against the same budget.
 * Every wait (backoff, pacing, shaping, heartbeat interval, idle outbox) goes through
   the injected ``sleep`` and every measurement through the injected ``clock``
   (monotonic seconds); only HTTP timeouts and :meth:`Uplink.stop`'s timeout run on the
-  event loop's clock. The wall clock is read for the heartbeat ``timestamp`` only.
+  event loop's clock. The wall clock is read for timestamps only.
 """
 
 from __future__ import annotations
@@ -49,9 +65,29 @@ import structlog
 from agent.store.outbox import PRIORITY
 from agent.channels.tellus.auth import REPROVISION_RETRY_S, AuthError, TokenManager
 from agent.channels.tellus.client import ApiResult, PlatformHttp
+from agent.channels.tellus.sender import (
+    CDR_EXTENSION_FIELDS,
+    DEAD_LETTER_ALARM_CODE,
+    ENDPOINT_BACKOFF_CEILING_S,
+    FORBIDDEN_PAUSE_S,
+    OutboxSender,
+    utc_iso,
+)
 from agent.channels.tellus.shaping import Backoff, ReconnectBudget, TokenBucket
 from agent.utctime import now_iso
 from hal.tasks import stop_tasks
+
+__all__ = [
+    "CDR_EXTENSION_FIELDS",
+    "DEAD_LETTER_ALARM_CODE",
+    "ENDPOINT_BACKOFF_CEILING_S",
+    "ENDPOINT_BY_KIND",
+    "FORBIDDEN_PAUSE_S",
+    "SEND_ORDER",
+    "Uplink",
+    "UplinkStats",
+    "utc_iso",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -69,12 +105,14 @@ HIGH_CLASS_KINDS = frozenset({"telemetry"})
 #: Documented per-device limits (platform-api §10): requests per window.
 HIGH_LIMIT_PER_S = 10
 OTHER_LIMIT_PER_MIN = 60
-FORBIDDEN_PAUSE_S = 300.0
 LONG_POLL_READ_MARGIN_S = 15.0
-IDLE_RECHECK_S = 30.0  # the outbox wakes the sender on every put; this is only a safety net
+#: no success for this long after a failed request: probe the link with a heartbeat now
+PROBE_AFTER_S = 5.0
+HEARTBEAT_MIN_SPACING_S = 1.0
 
 
 class OutboxLike(Protocol):
+    async def put(self, kind: Any, payload: Any, *, key: str | None = None) -> int: ...
     async def next_batch(self, limit: int = ..., kinds: Any = None) -> list[Any]: ...
     async def ack(self, item_id: int) -> bool: ...
     async def nack(self, item_id: int, error: str) -> bool: ...
@@ -95,10 +133,14 @@ class UplinkStats:
     reconnect_times: deque[float] = field(default_factory=lambda: deque(maxlen=64))
     sent: dict[str, int] = field(default_factory=dict)
     dead_lettered: int = 0
+    #: the most recent dead letter: kind, key (record_id / command_id), reason, wall time
+    last_dead_letter: dict[str, Any] | None = None
     last_error: str | None = None
     rate_limited: int = 0
     #: heartbeats tried (whatever the answer): the systemd watchdog's progress signal
     heartbeats_attempted: int = 0
+    #: kind -> last transient failure of that endpoint while the link stayed up
+    endpoint_errors: dict[str, str] = field(default_factory=dict)
 
 
 class Uplink:
@@ -134,15 +176,21 @@ class Uplink:
         self.sleep = sleep
         self.high = TokenBucket(high_rate, burst=high_burst, clock=clock)
         self.other = TokenBucket(other_per_minute / 60.0, burst=other_burst, clock=clock)
-        if self.high.max_in_window(1.0) > HIGH_LIMIT_PER_S:
-            raise ValueError(f"high_rate + high_burst must stay within {HIGH_LIMIT_PER_S}/s")
+        # +1/s: the heartbeat, kept at least HEARTBEAT_MIN_SPACING_S apart, outside the bucket
+        if self.high.max_in_window(1.0) + 1 > HIGH_LIMIT_PER_S:
+            raise ValueError(
+                f"high_rate + high_burst must stay within {HIGH_LIMIT_PER_S - 1}/s "
+                "(one request per second is the heartbeat's)"
+            )
         if self.other.max_in_window(60.0) > OTHER_LIMIT_PER_MIN:
             raise ValueError(
                 f"other_per_minute + other_burst must stay within {OTHER_LIMIT_PER_MIN}/min"
             )
         self.backoff = Backoff(rng=self.rng)
-        self._class_backoff = {self.high: Backoff(rng=self.rng), self.other: Backoff(rng=self.rng)}
+        self.sender = OutboxSender(self, SEND_ORDER, self.rng)
         self.budget = ReconnectBudget(clock=clock)
+        #: clock times at which a reconnect was needed (F-0302 counts these)
+        self._reconnects_wanted: deque[float] = deque()
         self.stats = UplinkStats()
         self._online = asyncio.Event()
         self._offline = asyncio.Event()
@@ -153,12 +201,51 @@ class Uplink:
         self._immediate = False
         self._connected_once = False
         self._heartbeat_now = asyncio.Event()
+        self._last_success: float | None = None
+        self._failing_since_success: set[str] = set()
+        self._last_heartbeat_at = -1e9
 
     # ------------------------------------------------------------------ lifecycle
 
     @property
     def online(self) -> bool:
         return self._online.is_set()
+
+    # the surface the outbox sender uses (agent.channels.tellus.sender.SenderHost)
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    async def wait_online(self) -> None:
+        await self._online.wait()
+
+    async def post(self, kind: str, body: Any, bucket: TokenBucket) -> ApiResult:
+        return await self._call(
+            "POST", ENDPOINT_BY_KIND[kind], endpoint=kind, body=body, retry_bucket=bucket
+        )
+
+    async def shape(self, bucket: TokenBucket) -> None:
+        await self._shape(bucket)
+
+    async def sleep_unless(self, wakes: list[Awaitable[Any]], seconds: float) -> None:
+        await self._sleep_unless(wakes, seconds)
+
+    def bucket_for(self, kind: str) -> TokenBucket:
+        return self._bucket_for(kind)
+
+    def mark_offline(self, reason: str) -> None:
+        self._mark_offline(reason)
+
+    def recover_credentials(self, result: ApiResult) -> None:
+        self._recover_credentials(result)
+
+    def reconnect_storm(self) -> bool:
+        """F-0302: more than ``budget.limit`` reconnects wanted within ``budget.window``."""
+        now = self.clock()
+        while self._reconnects_wanted and now - self._reconnects_wanted[0] >= self.budget.window:
+            self._reconnects_wanted.popleft()
+        return len(self._reconnects_wanted) > self.budget.limit
 
     async def start(self) -> None:
         """Start every loop; the first heartbeat goes out as soon as a token is had."""
@@ -171,7 +258,7 @@ class Uplink:
             asyncio.create_task(
                 self._guarded("heartbeat", self._heartbeat_loop), name="uplink-heartbeat"
             ),
-            asyncio.create_task(self._guarded("sender", self._sender_loop), name="uplink-sender"),
+            asyncio.create_task(self._guarded("sender", self.sender.run), name="uplink-sender"),
         ]
         self._start_polls()
 
@@ -190,7 +277,8 @@ class Uplink:
         """Stop every loop; send a final heartbeat ``offline`` first when online."""
         self._running = False
         current = asyncio.current_task()
-        await stop_tasks(t for t in self._tasks + self._poll_tasks if t is not current)
+        in_flight = list(self.sender.in_flight.values())
+        await stop_tasks(t for t in self._tasks + self._poll_tasks + in_flight if t is not current)
         if final_heartbeat and self.online:
             try:
                 result = await asyncio.wait_for(self._send_heartbeat("offline"), timeout)
@@ -256,6 +344,28 @@ class Uplink:
         self._offline.clear()
         self._online.set()
 
+    def _note_success(self, endpoint: str) -> None:
+        self._last_success = self.clock()
+        self._failing_since_success.clear()
+        self.stats.endpoint_errors.pop(endpoint, None)
+
+    def _note_transient(self, endpoint: str, result: ApiResult) -> None:
+        """One request failed transiently: decide whether that is the link or the request."""
+        reason = result.describe()
+        if result.link_error:
+            self._mark_offline(reason)
+            return
+        self.stats.endpoint_errors[endpoint] = reason
+        self._failing_since_success.add(endpoint)
+        if endpoint == "heartbeat" and len(self._failing_since_success) >= 2:
+            self._mark_offline(f"every request fails: {reason}")
+            return
+        if endpoint == "heartbeat" or not self.online:
+            return  # the heartbeat is the probe; offline, the supervisor probes
+        now = self.clock()
+        if self._last_success is None or now - self._last_success >= PROBE_AFTER_S:
+            self.heartbeat_soon()  # probe: does anything still get through?
+
     async def _supervisor(self) -> None:
         """The one reconnect path: wait while offline, retry within backoff and budget.
 
@@ -265,6 +375,7 @@ class Uplink:
         while self._running:
             await self._offline.wait()
             if self._connected_once:
+                self._reconnects_wanted.append(self.clock())
                 delay = 0.0 if self._immediate else self.backoff.next_delay()
                 delay = max(delay, self.budget.wait_time())
                 if delay > 0:
@@ -290,6 +401,7 @@ class Uplink:
             elif self._immediate:
                 continue  # force_reconnect() ran while this probe delivered its commands
             else:
+                self._failing_since_success.clear()
                 self._mark_online()
 
     async def _wait_online(self) -> None:
@@ -302,12 +414,17 @@ class Uplink:
         method: str,
         path: str,
         *,
+        endpoint: str,
         body: Any = None,
         params: dict[str, Any] | None = None,
         timeout_s: float | None = None,
         retry_bucket: TokenBucket | None = None,
     ) -> ApiResult:
-        """One authorised request with the documented 401 reaction (new token, retry once)."""
+        """One authorised request with the documented 401 reaction (new token, retry once).
+
+        Success and transient failures feed the link-health decision (see the module
+        contract); ``endpoint`` names the request for that.
+        """
         result = ApiResult(None, error="not sent")
         for attempt in (0, 1):
             if attempt == 1 and retry_bucket is not None:
@@ -321,7 +438,9 @@ class Uplink:
                 if attempt == 0:
                     continue
             if result.kind == "transient":
-                self._mark_offline(result.describe())
+                self._note_transient(endpoint, result)
+            elif result.http_status is not None:
+                self._note_success(endpoint)  # an answer from the platform: the link works
             return result
         return result
 
@@ -338,8 +457,16 @@ class Uplink:
             "status": status or current_status,
             "fault_code": int(fault_code),
         }
-        await self._shape(self.high)
-        result = await self._call("POST", "/device/heartbeat", body=body, retry_bucket=self.high)
+        # Not shaped by the telemetry bucket (never waits behind queued items): kept 1 s
+        # apart, and held by a 429 pause of the class.
+        wait = max(
+            self.high.paused_for(),
+            self._last_heartbeat_at + HEARTBEAT_MIN_SPACING_S - self.clock(),
+        )
+        if wait > 0:
+            await self.sleep(wait)
+        self._last_heartbeat_at = self.clock()
+        result = await self._call("POST", "/device/heartbeat", endpoint="heartbeat", body=body)
         if result.ok:
             self.stats.last_heartbeat_ok = body["timestamp"]
             commands = result.data.get("commands") if isinstance(result.data, dict) else None
@@ -378,7 +505,7 @@ class Uplink:
         while self._running:
             await self._wait_online()
             interval = max(1.0, self.heartbeat_interval_s + self.rng.uniform(-2.0, 2.0))
-            await self._sleep_unless(self._heartbeat_now.wait(), interval)
+            await self._sleep_unless([self._heartbeat_now.wait()], interval)
             self._heartbeat_now.clear()
             if not self.online:
                 continue
@@ -392,81 +519,20 @@ class Uplink:
             elif not result.ok:
                 log.warning("heartbeat_failed", error=result.describe())
 
-    async def _sleep_unless(self, wake: Awaitable[Any], seconds: float) -> None:
-        """Sleep ``seconds`` with the injected ``sleep``, or less if ``wake`` completes first.
+    async def _sleep_unless(self, wakes: list[Awaitable[Any]], seconds: float) -> None:
+        """Sleep ``seconds`` with the injected ``sleep``, or less if one of ``wakes`` completes.
 
         Every wait goes through the injected clock: the outbox's own ``timeout`` would be
         measured on the real monotonic clock.
         """
         sleeper = asyncio.ensure_future(self.sleep(seconds))
-        waker = asyncio.ensure_future(wake)
+        wakers = [asyncio.ensure_future(w) for w in wakes]
         try:
-            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({sleeper, *wakers}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for fut in (sleeper, waker):
+            for fut in (sleeper, *wakers):
                 fut.cancel()
-            await asyncio.gather(sleeper, waker, return_exceptions=True)
-
-    async def _sender_loop(self) -> None:
-        while self._running:
-            await self._wait_online()
-            kinds = [k for k in SEND_ORDER if self._bucket_for(k).paused_for() <= 0]
-            paused = [b.paused_for() for b in (self.high, self.other) if b.paused_for() > 0]
-            if not kinds:
-                await self.sleep(min(paused))
-                continue
-            items = await self.outbox.next_batch(1, kinds=kinds)
-            if not items:
-                await self._sleep_unless(
-                    self.outbox.wait_for_items(kinds=kinds), min([IDLE_RECHECK_S, *paused])
-                )
-                continue
-            item = items[0]
-            bucket = self._bucket_for(item.kind)
-            delay = bucket.delay()
-            if delay > 0:
-                await self.sleep(delay)
-                continue  # choose again: something more urgent may have been queued meanwhile
-            if not self.online:
-                continue
-            bucket.take()
-            try:
-                await self._send_item(item, bucket)
-            except AuthError as exc:
-                await self.outbox.nack(item.id, str(exc))
-                self._mark_offline(str(exc))
-
-    async def _send_item(self, item: Any, bucket: TokenBucket) -> None:
-        result = await self._call(
-            "POST", ENDPOINT_BY_KIND[item.kind], body=item.payload, retry_bucket=bucket
-        )
-        kind = result.kind
-        backoff = self._class_backoff[bucket]
-        if kind == "ok" or (kind == "conflict" and item.kind == "charging_record"):
-            await self.outbox.ack(item.id)
-            backoff.reset()
-            self.stats.sent[item.kind] = self.stats.sent.get(item.kind, 0) + 1
-        elif kind in ("permanent", "conflict") or (
-            kind == "not_found" and item.kind == "command_status"
-        ):
-            log.error("upload_rejected", kind=item.kind, item_id=item.id, error=result.describe())
-            await self.outbox.dead_letter(item.id, result.describe())
-            self.stats.dead_lettered += 1
-        elif kind == "rate_limited":
-            self.stats.rate_limited += 1
-            pause = result.retry_after or backoff.next_delay()
-            log.warning("rate_limited", kind=item.kind, pause_s=pause)
-            bucket.pause(pause)
-            await self.outbox.nack(item.id, result.describe())
-        elif kind == "forbidden":
-            log.error("upload_forbidden", kind=item.kind, error=result.describe())
-            await self.outbox.nack(item.id, result.describe())
-            bucket.pause(FORBIDDEN_PAUSE_S)
-        elif kind in ("auth", "not_found"):
-            await self.outbox.nack(item.id, result.describe())
-            self._recover_credentials(result)
-        else:  # transient: _call marked the link offline, the supervisor takes over
-            await self.outbox.nack(item.id, result.describe())
+            await asyncio.gather(sleeper, *wakers, return_exceptions=True)
 
     async def _poll_loop(self, connector_id: int, generation: int) -> None:
         backoff = Backoff(rng=self.rng)
@@ -477,6 +543,7 @@ class Uplink:
                 result = await self._call(
                     "GET",
                     "/device/commands",
+                    endpoint=f"commands:{connector_id}",
                     params={"connector_id": connector_id, "wait": self.long_poll_wait_s},
                     timeout_s=self.long_poll_wait_s + LONG_POLL_READ_MARGIN_S,
                 )
@@ -488,12 +555,11 @@ class Uplink:
                 if isinstance(result.data, dict):
                     await self._deliver(result.data, channel, connector_id)
                 continue
-            if result.kind == "transient":
-                continue  # offline now; wait for the supervisor
             if result.kind == "rate_limited":
                 await self.sleep(result.retry_after or backoff.next_delay())
             elif result.kind == "auth":
                 self._recover_credentials(result)
-            else:
+            else:  # transient or anything else: this poll backs off, the rest keeps going
                 log.warning("long_poll_failed", connector=connector_id, error=result.describe())
-                await self.sleep(backoff.next_delay())
+                if self.online:
+                    await self.sleep(backoff.next_delay())

@@ -16,6 +16,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from types import SimpleNamespace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -34,7 +35,7 @@ from agent.service.diagnostics import DiagnosticServices
 from agent.charging.session import SessionRequest
 from agent.store import Store
 from hal.interfaces import OK, FanStatus, Health, ModuleRatings, ModuleStatus, TemperatureReading
-from tests.agent.fakes import FakeContactor, FakeImd, FakeMeter, FakeModules, FakeVehicle
+from tests.agent.fakes import FakeBidirectional, FakeContactor, FakeImd, FakeMeter, FakeModules, FakeVehicle
 from tests.agent.helpers import decision_audit, until
 
 NINE = (
@@ -560,3 +561,51 @@ async def test_calibrate_sensor_reports_the_offset(charger: Charger) -> None:
     details = charger.reported("c1")[-1][2]
     assert details is not None
     assert (details["sensor"], details["kind"], details["value"], details["measured"]) == ("control_board", "offset", 1.5, 35.0)
+
+
+# ---------------------------------------------------------------------------- issue 8 points
+
+
+async def test_fetch_logs_without_target_uses_the_configured_default(store: Store, charger: Charger) -> None:
+    from agent.commands.diagnostics import diagnostic_specs as specs
+
+    default = "https://uploads.example.com/default/bundle.tar.gz"
+    charger.dispatcher = Dispatcher(
+        store.ledger, charger.reporter, charger.connectors, specs(charger.services, default_upload_url=default)
+    )
+    assert (await charger.accepted("c1", "fetch_logs", {}))[-1] == "completed"
+    assert ("fetch_logs", default) in charger.services.calls
+    audit = [a for a in await decision_audit(store.ledger) if a.command_id == "c1"]
+    assert audit[0].params == {}  # the configured (maybe pre-signed) URL is not copied into the audit
+
+
+async def test_a_deferred_reboot_checks_its_expiry_when_it_would_start(charger: Charger) -> None:
+    await charger.charge(2)
+    expiry = (datetime.now(UTC) + timedelta(seconds=1)).isoformat()
+    await charger.dispatcher.deliver(
+        {"command_id": "c1", "command": "reboot", "params": {}, "expiry": expiry}, "heartbeat", None
+    )
+    await charger.reporter.drain()
+    assert charger.statuses("c1") == ["accepted"]
+    await asyncio.sleep(1.5)
+    charger.connectors[2].request_stop("remote_stop")
+    await until(lambda: "rejected" in charger.statuses("c1"), timeout=5)
+    assert charger.reported("c1")[-1][:2] == ("rejected", "expired")
+    assert ("schedule_reboot", "c1") not in charger.services.calls
+
+
+async def test_reset_contactor_counter_also_resets_discharge_cycles_on_a_v2g_connector(charger: Charger) -> None:
+    resets: list[int] = []
+
+    async def reset_discharge_cycles(connector_id: int) -> int:
+        resets.append(connector_id)
+        return 7
+
+    charger.connectors[1].hw.bidirectional = FakeBidirectional()  # type: ignore[assignment]
+    charger.services.reset_discharge_cycles = reset_discharge_cycles  # type: ignore[attr-defined]
+    assert await charger.accepted("c1", "reset_contactor_counter", {}) == ["accepted", "completed"]
+    assert resets == [1]
+    assert charger.reported("c1")[-1][2] == {
+        "previous_cycles": {"1": 41, "2": 42},
+        "previous_discharge_contactor_cycles": {"1": 7},
+    }

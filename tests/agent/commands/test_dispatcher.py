@@ -30,6 +30,7 @@ from tests.agent.fakes import FakeContactor, FakeImd, FakeMeter, FakeModules, Fa
 from tests.agent.helpers import decision_audit, until
 
 NOW = datetime(2025, 3, 15, 10, 30, tzinfo=UTC)
+HOLD_S = 0.3
 SCHEDULE = {
     "schedule_id": "night",
     "enabled": True,
@@ -89,7 +90,9 @@ class Charger:
         self.limits = PowerLimits(store.kv, self.connectors, lambda cid, d: self.reporter.command_status(cid, "completed", None, d))
         self.scheduler = Scheduler(store.kv, self.connectors, "UTC")
         self.specs = operational_specs(self.limits, self.scheduler, v2g_capable=v2g)
-        self.dispatcher = Dispatcher(store.ledger, self.reporter, self.connectors, self.specs, now=lambda: NOW)
+        self.dispatcher = Dispatcher(
+            store.ledger, self.reporter, self.connectors, self.specs, now=lambda: NOW, hold_s=HOLD_S
+        )
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -98,6 +101,7 @@ class Charger:
         await asyncio.sleep(0.05)
 
     async def stop(self) -> None:
+        await self.dispatcher.close()
         for c in self.connectors.values():
             await c.shutdown()
         await asyncio.wait_for(asyncio.gather(*self._tasks), 10)
@@ -347,14 +351,97 @@ async def test_null_expiry_means_no_expiry(charger: Charger) -> None:
 # ---------------------------------------------------------------------------- connector resolution
 
 
-@pytest.mark.parametrize("command", ["start_charging", "stop_charging", "set_schedule", "discharge"])
-async def test_connector_command_on_heartbeat_needs_connector_id_when_there_are_several(charger: Charger, command: str) -> None:
-    params = {"set_schedule": SCHEDULE, "discharge": {"discharge_power": 5}}.get(command, {})
+async def test_set_schedule_on_heartbeat_needs_connector_id_when_there_are_several(charger: Charger) -> None:
+    msg = await charger.rejected_with({"command_id": "c1", "command": "set_schedule", "params": SCHEDULE})
+    assert msg.startswith("params.connector_id: required"), msg
+
+
+async def test_stop_on_heartbeat_without_any_session_is_rejected(charger: Charger) -> None:
+    msg = await charger.rejected_with({"command_id": "c1", "command": "stop_charging", "params": {}})
+    assert msg == "no active session on any connector (have [1, 2])"
+
+
+@pytest.mark.parametrize("command", ["start_charging", "discharge"])
+async def test_start_on_heartbeat_with_two_vehicles_waiting_is_held_then_rejected_naming_both(
+    charger: Charger, command: str
+) -> None:
+    params = {"discharge": {"discharge_power": 5}}.get(command, {})
     await charger.plug(1)
     await charger.plug(2)
-    msg = await charger.rejected_with({"command_id": "c1", "command": command, "params": params})
-    assert msg.startswith("params.connector_id: required"), msg
+    await charger.deliver({"command_id": "c1", "command": command, "params": params})
+    assert charger.reported("c1") == []  # held, not yet decided
+    await until(lambda: charger.reported("c1") != [], timeout=HOLD_S + 5)
+    [(status, message)] = charger.reported("c1")
+    assert status == "rejected" and message is not None
+    assert message.startswith("params.connector_id: ambiguous") and "connectors 1 and 2" in message
+    audit = [(a.outcome) for a in await decision_audit(charger.store.ledger) if a.command_id == "c1"]
+    assert audit == ["held", "rejected"]
     assert not any(c.in_session() for c in charger.connectors.values())
+
+
+async def test_start_on_heartbeat_goes_to_the_one_connector_with_a_vehicle_waiting(charger: Charger) -> None:
+    await charger.plug(2)
+    await charger.deliver({"command_id": "c1", "command": "start_charging", "params": {}})
+    assert charger.reported("c1")[0][0] == "accepted"
+    await until(lambda: charger.connectors[2].state is ConnectorState.CHARGING)
+    assert not charger.connectors[1].in_session()
+
+
+async def _two_sessions(charger: Charger) -> None:
+    for cid in (1, 2):
+        await charger.plug(cid)
+        await charger.deliver({"command_id": f"start-{cid}", "command": "start_charging", "params": {}},
+                              f"long_poll:{cid}", cid)
+    await until(lambda: all(c.state is ConnectorState.CHARGING for c in charger.connectors.values()))
+
+
+async def test_stop_on_heartbeat_stops_the_one_running_session(charger: Charger) -> None:
+    await charger.plug(1)
+    await charger.plug(2)
+    await charger.deliver({"command_id": "s", "command": "start_charging", "params": {}}, "long_poll:2", 2)
+    await until(lambda: charger.connectors[2].state is ConnectorState.CHARGING)
+    await charger.deliver({"command_id": "c1", "command": "stop_charging", "params": {}})
+    assert charger.reported("c1")[0][0] == "accepted"
+    await until(lambda: not charger.connectors[2].in_session())
+    assert charger.connectors[1].state is ConnectorState.VEHICLE_CONNECTED
+
+
+async def test_long_poll_copy_of_a_held_stop_is_executed_on_its_connector(charger: Charger) -> None:
+    await _two_sessions(charger)
+    stop = {"command_id": "c1", "command": "stop_charging", "params": {}}
+    await charger.deliver(stop)  # heartbeat: ambiguous, held
+    await charger.deliver(stop, "long_poll:2", 2)  # the copy within the hold window
+    assert charger.reported("c1")[0][0] == "accepted"
+    await until(lambda: not charger.connectors[2].in_session())
+    await asyncio.sleep(HOLD_S + 0.2)
+    assert [s for s, _ in charger.reported("c1")] in (["accepted"], ["accepted", "completed"])
+    assert charger.connectors[1].state is ConnectorState.CHARGING
+    audit = [(a.source, a.outcome) for a in await decision_audit(charger.store.ledger) if a.command_id == "c1"]
+    assert audit[:2] == [("heartbeat", "held"), ("long_poll:2", "accepted")]
+
+
+async def test_an_ambiguity_rejection_does_not_make_a_later_long_poll_copy_a_duplicate(charger: Charger) -> None:
+    await _two_sessions(charger)
+    stop = {"command_id": "c1", "command": "stop_charging", "params": {}}
+    await charger.deliver(stop)
+    await until(lambda: charger.reported("c1") != [], timeout=HOLD_S + 5)
+    assert charger.reported("c1")[0][0] == "rejected"
+    assert all(c.in_session() for c in charger.connectors.values())
+    await charger.deliver(stop, "long_poll:1", 1)
+    assert [s for s, _ in charger.reported("c1")][:2] == ["rejected", "accepted"]
+    await until(lambda: not charger.connectors[1].in_session())
+    assert charger.connectors[2].in_session()
+    await charger.deliver(stop, "long_poll:1", 1)  # a third copy now is a duplicate
+    audit = [a.outcome for a in await decision_audit(charger.store.ledger) if a.command_id == "c1"]
+    assert audit[:3] == ["held", "rejected", "accepted"] and audit[-1] == "duplicate"
+
+
+async def test_limit_on_heartbeat_without_sessions_applies_to_the_whole_charger(charger: Charger) -> None:
+    await charger.deliver(
+        {"command_id": "c1", "command": "set_power_limit", "params": {"power_limit_percent": 50, "duration": 60}}
+    )
+    assert charger.reported("c1")[0][0] == "accepted"
+    assert all(c.effective_limit_kw() == c.config.max_power_kw / 2 for c in charger.connectors.values())
 
 
 async def test_connector_command_on_heartbeat_with_connector_id_is_executed(charger: Charger) -> None:
@@ -572,7 +659,7 @@ async def test_every_decision_lands_in_the_audit_log(charger: Charger) -> None:
         ({"command_id": "a2", "command": "warp_drive", "params": {}}, "heartbeat", None),
         ({"command_id": "a3", "command": "set_power_limit", "params": {"power_limit_percent": 50}}, "heartbeat", None),
         ({"command_id": "a4", "command": "pause_charging", "params": {"duration": 60}, "expiry": past}, "heartbeat", None),
-        ({"command_id": "a5", "command": "stop_charging", "params": {}}, "heartbeat", None),
+        ({"command_id": "a5", "command": "set_schedule", "params": SCHEDULE}, "heartbeat", None),
         ({"command_id": "a6", "command": "stop_charging", "params": {}}, "long_poll:1", 1),
         ({"command_id": "a7", "command": "discharge", "params": {"discharge_power": 7}}, "long_poll:1", 1),
         ({"command": "start_charging"}, "heartbeat", None),

@@ -47,10 +47,15 @@ async def test_register_returns_enveloped_credentials(
     ]
 
 
-async def test_register_accepts_missing_optional_mac_and_extra_properties(
+async def test_register_accepts_missing_optional_mac_and_refuses_unknown_fields(
     emulator: Emulator, http: aiohttp.ClientSession
 ) -> None:
-    body = {k: v for k, v in REGISTRATION.items() if k != "mac"} | {"hw_rev": "B"}
+    body = {k: v for k, v in REGISTRATION.items() if k != "mac"}
+    assert_error(
+        await _register(http, emulator, body | {"hw_rev": "B"}),
+        ErrorCode.INVALID_PARAMETER,
+        field="hw_rev",
+    )
     assert_ok(await _register(http, emulator, body))
 
 

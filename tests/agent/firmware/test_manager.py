@@ -360,3 +360,38 @@ async def test_works_with_the_real_state_store(tmp_path: Path, server: FileServe
         assert await store.kv.get(PENDING_KEY) is None
     finally:
         await store.close()
+
+
+async def test_expiry_is_checked_again_when_a_deferred_install_would_start(rig: Rig, server: FileServer) -> None:
+    result = fake_bundle(rig.tmp, rig.keys, size=10_000)
+    url = server.add(result.bundle.name, result.bundle.read_bytes())
+    builder = FakeBuilder()
+    rig.session = True
+    manager = rig.manager("0.1.0", builder)
+    task = manager.submit("cmd-1", params(result, url), expiry=rig.time.now + 60)
+    for _ in range(2000):
+        await asyncio.sleep(0)
+        if any(c[3] and c[3].get("deferred") for c in rig.statuses.calls) and rig.time.now > 1_800_000_120:
+            break
+    rig.session = False  # the session ends after the command's expiry
+    await asyncio.wait_for(task, 5)
+    cid, status, message, _ = rig.statuses.last()
+    assert (cid, status, message) == ("cmd-1", "rejected", "expired")
+    assert builder.calls == [] and rig.restarts == [] and run_current(rig.root) == (0, "charger-agent 0.1.0")
+    assert rig.outbox.firmware()[-1]["status"] == "failed"
+    assert await rig.kv.get(PENDING_KEY) is None
+
+
+async def test_a_successful_upgrade_records_the_installed_version(rig: Rig, server: FileServer) -> None:
+    result = fake_bundle(rig.tmp, rig.keys)
+    url = server.add(result.bundle.name, result.bundle.read_bytes())
+    builder = FakeBuilder()
+    await rig.manager("0.1.0", builder).run(params(result, url), "cmd-1")
+    new, _ = _restart(rig, "0.2.0", builder)
+    await new.load()
+    assert new.installed_version is None
+    await new.after_start(lambda: True)  # type: ignore[attr-defined]
+    assert new.installed_version == "0.2.0" and await rig.kv.get("firmware_installed_version") == "0.2.0"
+    later = rig.manager("0.2.0", builder)
+    await later.load()
+    assert later.installed_version == "0.2.0"  # registration sends this from now on

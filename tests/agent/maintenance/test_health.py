@@ -271,10 +271,14 @@ async def test_isolation_result_survives_a_restart(tmp_path: Path) -> None:
             "kohm": 1800.0,
             "at": "2025-03-02T09:00:00Z",
         }
-        # another connector does not inherit it
-        assert "isolation_test_kohms" not in health.build(
-            make_connector(cid=1, thermal=full_thermal())
-        )
+        # another connector does not inherit it: before its first cable check ever it
+        # shows its own IMD's current reading, timed now
+        other = make_connector(cid=1, thermal=full_thermal())
+        assert other.hw.imd is not None
+        block = health.build(other)
+        assert block["isolation_test_kohms"] == pytest.approx(other.hw.imd.reading().resistance_kohm, abs=0.1)  # type: ignore[union-attr]
+        assert block["last_isolation_test"].endswith("Z") and block["last_isolation_test"] > "2025-03-02"
+        assert health.missing(other, block) == []
     finally:
         await store.close()
 
@@ -320,3 +324,23 @@ async def test_discharge_contactor_cycles_count_discharge_starts_and_persist(
         assert health2.discharge.count(1) == 0 and health2.discharge.count(2) == 1
     finally:
         await store.close()
+
+
+async def test_v2g_max_cycles_only_from_config(store: Store) -> None:
+    health = ComponentHealth(store.kv)  # no [health] bidirectional_max_cycles: not invented
+    await health.load()
+    block = health.build(make_connector(thermal=full_thermal(), stage=MeasuringStage(cycles=3, thd_pct=1.0)))
+    assert "bidirectional_inverter_max_cycles" not in block
+    assert block["bidirectional_inverter_cycles"] == 3 and "discharge_contactor_cycles" in block
+
+
+async def test_discharge_contactor_cycles_reset_to_zero(store: Store) -> None:
+    health = ComponentHealth(store.kv, HealthConfig(bidirectional_max_cycles=8000))
+    await health.load()
+    for _ in range(3):
+        health.discharge.record_closure(1)
+    await health.discharge.flush()
+    assert await health.discharge.reset(1) == 3
+    block = health.build(make_connector(thermal=full_thermal(), stage=MeasuringStage(cycles=3, thd_pct=1.0)))
+    assert block["discharge_contactor_cycles"] == 0
+    assert await store.kv.get("health/discharge_contactor_cycles/1") == 0

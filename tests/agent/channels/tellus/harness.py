@@ -34,7 +34,13 @@ TELEMETRY = {
 
 
 def telemetry(n: int, connector_id: int = 1) -> dict[str, Any]:
-    return {**TELEMETRY, "connector_id": connector_id, "seq": n}
+    """Sample ``n``: the strict emulator refuses unknown fields, so ``n`` travels as the
+    energy value (read it back with :func:`telemetry_seq`)."""
+    return {**TELEMETRY, "connector_id": connector_id, "energy_delivered": float(n)}
+
+
+def telemetry_seq(body: dict[str, Any]) -> int:
+    return int(body["energy_delivered"])
 
 
 def event(n: int, connector_id: int = 1) -> dict[str, Any]:
