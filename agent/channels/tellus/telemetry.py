@@ -34,36 +34,34 @@ FLOWING_A = 1.0
 
 
 def sample(connector: Connector, component_health: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """One TelemetryUpload body, or ``None`` when the meter has no fresh reading."""
-    reading = connector.hw.meter.reading()
+    """One TelemetryUpload body from the connector's read-only snapshot, or ``None`` when the
+    meter has no fresh reading."""
+    snap = connector.snapshot()
+    reading = snap.meter
     if reading is None:
         return None
-    state = connector.state
-    telemetry_state = state.telemetry_state
-    if state is ConnectorState.FINISHING and abs(reading.current) > FLOWING_A:
-        session = connector.session
-        discharging = (session is not None and session.request.mode == "discharge") or reading.power_kw < 0
+    telemetry_state = snap.state.telemetry_state
+    if snap.state is ConnectorState.FINISHING and abs(reading.current) > FLOWING_A:
+        discharging = (snap.session is not None and snap.session.mode == "discharge") or reading.power_kw < 0
         telemetry_state = "discharging" if discharging else "charging"
     body: dict[str, Any] = {
         "timestamp": to_iso(utc_now()),
-        "connector_id": connector.id,
+        "connector_id": snap.id,
         "state": telemetry_state,
         "voltage": round(reading.voltage, 2),
         "current": round(reading.current, 2),
         "power": round(reading.power_kw, 3),
-        "energy_delivered": round(connector.session.energy_kwh, 3) if connector.session is not None else 0.0,
+        "energy_delivered": round(snap.session.energy_kwh, 3) if snap.session is not None else 0.0,
     }
-    vehicle = connector.hw.vehicle.status()
-    if vehicle.soc is not None and vehicle.plugged:
-        body["soc"] = int(vehicle.soc)
-    thermal = connector.hw.thermal
-    if thermal is not None and connector.config.outlet_sensor:
-        t = thermal.temperatures().get(connector.config.outlet_sensor)
+    if snap.vehicle.soc is not None and snap.plugged:
+        body["soc"] = int(snap.vehicle.soc)
+    if connector.config.outlet_sensor and connector.hw.thermal is not None:  # the outlet sensor, when configured
+        t = snap.outlet_temperature
         if t is not None and t.celsius is not None:
             body["temperature"] = round(t.celsius, 1)
     elif reading.temperature is not None:
         body["temperature"] = round(reading.temperature, 1)
-    if connector.config.kind == "ac" and reading.phases is not None:
+    if snap.kind == "ac" and reading.phases is not None:
         body["phase_details"] = {
             name: {"voltage": round(p.voltage, 2), "current": round(p.current, 2)}
             for name, p in zip(("phase_a", "phase_b", "phase_c"), reading.phases)
