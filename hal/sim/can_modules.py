@@ -91,9 +91,7 @@ class CanModuleSimulator:
         if self._bus is not None:
             return
         cfg = self.bus_config
-        self._bus = await asyncio.to_thread(
-            lambda: can.Bus(interface=cfg.interface, channel=cfg.channel)
-        )
+        self._bus = await asyncio.to_thread(lambda: can.Bus(**cfg.bus_kwargs()))
         self._notifier = can.Notifier(
             self._bus, [self._on_message], timeout=0.1, loop=asyncio.get_running_loop()
         )
