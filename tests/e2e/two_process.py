@@ -49,7 +49,7 @@ def derive_config(workdir: Path) -> Path:
     text = _sub(r"^tcp_port = 15030", f"tcp_port = {free_port()}", text)
     text = _sub(r"^tcp_port = 15031", f"tcp_port = {free_port()}", text)
     text = _sub(r"^control_port = \d+", f"control_port = {free_port()}", text)
-    text = _sub(r'^root = "[^"]*"', f'root = "{workdir / "sim"}"', text)
+    text = _sub(r'^root = "/tmp/charger-sim-udp"', f'root = "{workdir / "sim"}"', text)
     text = _sub(r'^state_dir = "[^"]*"', f'state_dir = "{workdir / "state"}"', text)
     path = workdir / "bench-udp.toml"
     path.write_text(text)
