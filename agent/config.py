@@ -62,6 +62,8 @@ class ChargerSection(StrictModel):
     manufacturer: str = Field(..., min_length=1)
     mac: str | None = Field(None, pattern=r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
     state_dir: Path = Path("/var/lib/charger-agent")
+    #: where the 1 s status snapshot goes; None: $RUNTIME_DIRECTORY (systemd), else state_dir
+    runtime_dir: Path | None = None
     timezone: str = "UTC"
     v2g_capable: bool = False
 

@@ -30,6 +30,8 @@ from typing import Any, Callable
 
 import structlog
 
+from hal.tick import sleep_to_grid
+
 from agent import __version__
 from agent.commands.dispatcher import Dispatcher
 from agent.maintenance.archive import SessionArchive, SessionRecorder
@@ -191,7 +193,11 @@ class Agent:
             }
             self.dispatcher = Dispatcher(self.store.ledger, self.reporter, self.connectors, specs)
             self._tasks = [asyncio.create_task(self._housekeeping(), name="housekeeping")]
-            status_writer = StatusWriter(status_path(state_dir), 1.0, self.status_snapshot)
+            # the 1 s snapshot goes to the runtime directory (tmpfs), not the state directory
+            snapshot_file = status_path(state_dir, runtime_dir=self.cfg.charger.runtime_dir)
+            with contextlib.suppress(OSError):  # a failing writer reports itself
+                snapshot_file.parent.mkdir(parents=True, exist_ok=True)
+            status_writer = StatusWriter(snapshot_file, 1.0, self.status_snapshot)
             await status_writer.start()
             stack.push_async_callback(status_writer.stop)
             if cfg.platform.enabled:
@@ -495,7 +501,7 @@ class Agent:
             if self.uplink is not None:
                 storm = self.uplink.budget.used() >= self.uplink.budget.limit
                 self.faults.set("F-0302", None, storm, reconnects_10min=self.uplink.budget.used())
-            await asyncio.sleep(1.0)
+            await sleep_to_grid(1.0)
 
     async def _housekeeping(self) -> None:
         assert self.limits is not None and self.scheduler is not None and self.store is not None
@@ -514,7 +520,7 @@ class Agent:
                 await self.store.ledger.purge()
                 await self.store.outbox.maintain()
             ticks += 1
-            await asyncio.sleep(1.0)
+            await sleep_to_grid(1.0)
 
     # ------------------------------------------------------------------ systemd supervision
 
@@ -555,7 +561,7 @@ class Agent:
         while True:
             await self.reporter.drain()
             self.watchdog.beat("outbox")
-            await asyncio.sleep(5.0)
+            await sleep_to_grid(5.0)
 
     def _update_status(self, *, ready: bool = False) -> None:
         """``STATUS=`` for ``systemctl status`` (and ``READY=1`` the first time)."""

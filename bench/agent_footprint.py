@@ -210,7 +210,9 @@ async def measure(window: float, step: float, keep: bool) -> dict[str, Any]:
     notify.start()
     result: dict[str, Any] = {}
     try:
-        env = {"NOTIFY_SOCKET": str(notify.path)}
+        # as systemd runs it: sd_notify socket and RuntimeDirectory= (the 1 s snapshot goes there)
+        (workdir / "run").mkdir()
+        env = {"NOTIFY_SOCKET": str(notify.path), "RUNTIME_DIRECTORY": str(workdir / "run")}
         async with AgentUnderTest(config=config, workdir=workdir, keep=keep, extra_env=env) as aut:
             await aut.until("READY=1 from the agent", lambda: notify.ready_at is not None, 60, 0.01)
             assert aut.exec_at is not None and notify.ready_at is not None

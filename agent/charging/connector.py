@@ -30,6 +30,7 @@ import structlog
 from agent.charging.config import ChargingSection, ConnectorConfig
 from agent.charging.faults import FaultBoard
 from agent.charging.session import CLEAN_STOPS, Session, SessionRequest, build_record, iso, utc_now
+from hal.tick import Wakeup
 from hal.interfaces import (
     Bidirectional,
     Contactor,
@@ -166,7 +167,7 @@ class Connector:
         self.last_isolation_at: str | None = None
         self._imd_bad_since: float | None = None
         self._stopping = asyncio.Event()
-        self._wake = asyncio.Event()
+        self._wake = Wakeup()
         self.last_error: str | None = None
         self.ticks = 0  # control-loop iterations: the systemd watchdog's progress signal
 
@@ -295,10 +296,8 @@ class Connector:
         self._wake.set()
 
     async def _sleep_tick(self) -> None:
-        try:
-            await asyncio.wait_for(self._wake.wait(), self.policy.tick_s)
-        except asyncio.TimeoutError:
-            pass
+        # on the shared tick grid: every connector (and the pilots) wake together
+        await self._wake.wait_for_tick(self.policy.tick_s)
         self._wake.clear()
 
     def _set_state(self, state: ConnectorState) -> None:

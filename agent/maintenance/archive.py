@@ -78,6 +78,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal, Self, TypeVar
 
 import structlog
+
+from hal.tick import sleep_to_grid
 from pydantic import Field, model_validator
 
 from hal.config import StrictModel
@@ -656,7 +658,7 @@ class SessionArchive:
 
     async def _flush_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.config.flush_interval_s)
+            await sleep_to_grid(self.config.flush_interval_s)
             await self.flush()
 
     # -- writing --------------------------------------------------------------------

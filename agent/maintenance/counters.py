@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import structlog
 
+from hal.tick import sleep_to_grid
+
 from agent.charging.session import iso, utc_now
 from agent.store.db import StoreError
 from agent.store.kv import KVStore
@@ -204,7 +206,7 @@ class FanRuntime:
     async def _run(self) -> None:
         next_persist = self._clock() + self._persist_s
         while True:
-            await asyncio.sleep(self._sample_s)
+            await sleep_to_grid(self._sample_s)
             self.sample()
             if self._clock() >= next_persist:
                 next_persist = self._clock() + self._persist_s

@@ -50,6 +50,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import structlog
+
+from hal.tick import sleep_to_grid
 from pydantic import Field, model_validator
 
 from agent.service.status import iso_utc, write_json_atomic
@@ -493,7 +495,7 @@ class ServiceMode:
 
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self.poll_interval_s)
+            await sleep_to_grid(self.poll_interval_s)
             try:
                 await self.poll()
             except Exception as exc:  # noqa: BLE001 - a bug here must not end service-mode tracking

@@ -63,6 +63,7 @@ from hal.can.module_table import (
 )
 from hal.can.port import CanPort, FrameError
 from hal.context import BuildContext
+from hal.tick import sleep_to_grid
 from hal.interfaces import (
     Health,
     HealthState,
@@ -406,9 +407,7 @@ class PowerModuleGroup(ModuleProtocol):
     # ------------------------------------------------------------------ poll loop
 
     async def _poll_loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            began = loop.time()
             try:
                 self._poll_once(monotonic())
                 if self._off_pending:
@@ -417,7 +416,7 @@ class PowerModuleGroup(ModuleProtocol):
             except Exception:  # noqa: BLE001 -- the keep-alive must survive a bug in one cycle
                 self._log.exception("power_modules_poll_failed")
             self._first_poll.set()
-            await asyncio.sleep(max(0.0, self._opts.poll_interval_s - (loop.time() - began)))
+            await sleep_to_grid(self._opts.poll_interval_s)
 
     def _poll_once(self, now: float) -> None:
         self._check_timeouts(now)

@@ -64,6 +64,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from hal.config import StrictModel
 from hal.context import BuildContext
 from hal.interfaces import Health, HealthState, PilotState, VehicleStatus, monotonic
+from hal.sysfs import read_attr
+from hal.tick import sleep_to_grid
 
 log = structlog.get_logger(__name__)
 
@@ -305,7 +307,7 @@ class Iec61851Vehicle:
 
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self.options.poll_interval_s)
+            await sleep_to_grid(self.options.poll_interval_s)
             try:
                 await self.sample_now()
                 if not self._pwm_ready and monotonic() >= self._pwm_retry_at:
@@ -319,7 +321,8 @@ class Iec61851Vehicle:
         ``start()`` uses it for the first sample; ``probe`` and tests can use it to
         step the debounce deterministically.
         """
-        sample, hlc = await asyncio.to_thread(self._read_inputs)
+        # a few bytes from sysfs (and a stat of the HLC file): inline, no thread hop
+        sample, hlc = self._read_inputs()
         now = monotonic()
         self._on_sample(sample, now)
         if hlc is not None:
@@ -328,14 +331,14 @@ class Iec61851Vehicle:
     def _read_inputs(
         self,
     ) -> tuple[_Sample, tuple[tuple[int, int, int] | None, float, str | None] | None]:
-        """Worker thread: one ADC sample, and the HLC file if it changed."""
+        """One ADC sample, and the HLC file if it changed."""
         return self._read_adc(), (self._read_hlc() if self.options.hlc == "file" else None)
 
     def _read_adc(self) -> _Sample:
         o = self.options
         try:
-            raw_text = Path(o.adc_raw_path).read_text(encoding="ascii").strip()
-            scale_text = Path(o.adc_scale_path).read_text(encoding="ascii").strip()
+            raw_text = read_attr(o.adc_raw_path)
+            scale_text = read_attr(o.adc_scale_path)
         except OSError as exc:
             return _Sample(None, f"cannot read ADC: {exc}")
         try:
@@ -427,7 +430,7 @@ class Iec61851Vehicle:
     # ------------------------------------------------------------------ hlc
 
     def _read_hlc(self) -> tuple[tuple[int, int, int] | None, float, str | None]:
-        """Worker thread: (file identity, wall-clock age, content if it changed)."""
+        """(file identity, wall-clock age, content if it changed)."""
         assert self.options.hlc_path is not None
         try:
             st = os.stat(self.options.hlc_path)
