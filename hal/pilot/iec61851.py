@@ -8,7 +8,9 @@ Implements :class:`hal.interfaces.Vehicle` for one connector.
     CP volts      = mV / 1000 x divider_ratio + offset_v          (board front end)
 
 The front end must present the *high* level of the PWM to the ADC (peak hold or
-sampling synchronised to the PWM high phase). Every ``poll_interval_s`` one sample
+sampling synchronised to the PWM high phase). Every ``poll_interval_s`` (on the
+shared tick grid, read inline: a few bytes of sysfs; the scale file every
+``scale_reread_s``) one sample
 is classified into a window of +/- ``window_v`` around the nominal levels
 12/9/6/3/0/-12 V (A/B/C/D/E/F); a value in no window classifies as UNKNOWN. A new
 classification is published after ``debounce_samples`` equal samples in a row.
@@ -37,7 +39,8 @@ least every ``hlc_stale_after_s / 2`` seconds::
      "discharge_refusal": null, "vin": "WVWZZZ..."}
 
 Every key is optional (``null``/absent = unknown); unknown keys are ignored.
-Freshness is judged by the file changing (inode/mtime/size), measured on the
+Freshness is judged by the file changing (inode/mtime/size), checked every
+``hlc_check_interval_s`` with the next pilot sample and measured on the
 monotonic clock; a file first seen already older than ``hlc_stale_after_s``
 (wall-clock mtime) is stale. A document that does not parse is counted and
 ignored (it neither updates the values nor refreshes them). The values are
@@ -146,6 +149,14 @@ class Iec61851Vehicle:
             default=None, description="JSON document kept by the HLC stack"
         )
         hlc_stale_after_s: float = Field(default=2.0, gt=0.0, le=600.0)
+        hlc_check_interval_s: float = Field(
+            default=0.5, gt=0.0, le=60.0,
+            description="how often the HLC file is checked for a change (with the next pilot sample)",
+        )
+        scale_reread_s: float = Field(
+            default=1.0, ge=0.0, le=60.0,
+            description="re-read in_voltageN_scale this often (it only changes with the ADC range); 0: every sample",
+        )
 
         @model_validator(mode="after")
         def _consistent(self) -> Iec61851Vehicle.Options:
@@ -185,6 +196,9 @@ class Iec61851Vehicle:
         # hlc
         self._hlc_doc: HlcDocument | None = None
         self._hlc_key: tuple[int, int, int] | None = None
+        self._hlc_checked_at = -math.inf
+        self._scale_text: str | None = None
+        self._scale_read_at = -math.inf
         self._hlc_fresh_at: float | None = None
         self._hlc_bad = 0
         self._hlc_was_stale: bool | None = None
@@ -331,15 +345,26 @@ class Iec61851Vehicle:
     def _read_inputs(
         self,
     ) -> tuple[_Sample, tuple[tuple[int, int, int] | None, float, str | None] | None]:
-        """One ADC sample, and the HLC file if it changed."""
-        return self._read_adc(), (self._read_hlc() if self.options.hlc == "file" else None)
+        """One ADC sample, and (every ``hlc_check_interval_s``) the HLC file if it changed."""
+        hlc = None
+        if self.options.hlc == "file":
+            now = monotonic()
+            if now - self._hlc_checked_at >= self.options.hlc_check_interval_s:
+                self._hlc_checked_at = now
+                hlc = self._read_hlc()
+        return self._read_adc(), hlc
 
     def _read_adc(self) -> _Sample:
         o = self.options
         try:
             raw_text = read_attr(o.adc_raw_path)
-            scale_text = read_attr(o.adc_scale_path)
+            now = monotonic()
+            if self._scale_text is None or now - self._scale_read_at >= o.scale_reread_s:
+                self._scale_text = read_attr(o.adc_scale_path)
+                self._scale_read_at = now
+            scale_text = self._scale_text
         except OSError as exc:
+            self._scale_text = None
             return _Sample(None, f"cannot read ADC: {exc}")
         try:
             raw = int(raw_text)
