@@ -54,6 +54,7 @@ from agent.firmware.manager import FirmwareManager
 from agent.charging.scheduler import Scheduler
 from agent.service.sdnotify import IDLE, Notifier, Watchdog, default_notifier, hal_probe, status_line
 from agent.maintenance.service_mode import ServiceMode, audit_hook
+from agent.service.memory import trim_heap
 from agent.service.status import StatusWriter, build_status, fault_entry, status_path
 from agent.charging.session import iso, utc_now
 from agent.store import Credentials, Store, StoreError
@@ -209,6 +210,7 @@ class Agent:
             self._watch_critical_tasks()
             self._update_status(ready=True)  # READY=1: config, state and HAL are up
             self.watchdog.start()
+            trim_heap()  # start-up's garbage back to the kernel (RSS)
 
             await stop.wait()
             await self.watchdog.stop()

@@ -8,7 +8,9 @@ Implements :class:`hal.interfaces.Vehicle` for one connector.
     CP volts      = mV / 1000 x divider_ratio + offset_v          (board front end)
 
 The front end must present the *high* level of the PWM to the ADC (peak hold or
-sampling synchronised to the PWM high phase). Every ``poll_interval_s`` (on the
+sampling synchronised to the PWM high phase). Every ``poll_interval_s`` while a PWM
+duty offers charging (every ``idle_poll_interval_s`` while the PWM is at 100 % or 0 %:
+no current can flow then) (on the
 shared tick grid, read inline: a few bytes of sysfs; the scale file every
 ``scale_reread_s``) one sample
 is classified into a window of +/- ``window_v`` around the nominal levels
@@ -126,6 +128,13 @@ class Iec61851Vehicle:
 
     class Options(StrictModel):
         poll_interval_s: float = Field(default=0.05, gt=0.0, le=1.0)
+        idle_poll_interval_s: float = Field(
+            default=0.2, gt=0.0, le=1.0,
+            description=(
+                "sample period while no charging is offered (PWM at 100 % or 0 %): the EV "
+                "cannot draw current then, so only plug-in detection waits on it"
+            ),
+        )
         adc_raw_path: str = Field(..., min_length=1, description="IIO in_voltageN_raw")
         adc_scale_path: str = Field(
             ..., min_length=1, description="IIO in_voltageN_scale (mV per LSB)"
@@ -319,9 +328,15 @@ class Iec61851Vehicle:
 
     # ------------------------------------------------------------------ sampling
 
+    def sample_period(self) -> float:
+        """``poll_interval_s`` while a PWM duty offers charging, else ``idle_poll_interval_s``."""
+        if self._duty in (0.0, 100.0):
+            return max(self.options.idle_poll_interval_s, self.options.poll_interval_s)
+        return self.options.poll_interval_s
+
     async def _run(self) -> None:
         while True:
-            await sleep_to_grid(self.options.poll_interval_s)
+            await sleep_to_grid(self.sample_period())
             try:
                 await self.sample_now()
                 if not self._pwm_ready and monotonic() >= self._pwm_retry_at:
