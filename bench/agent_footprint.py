@@ -187,6 +187,16 @@ class NotifyListener:
         self.sock.close()
 
 
+def runtime_directory(workdir: Path) -> Path:
+    """A directory on a tmpfs, as systemd's ``/run/charger-agent`` is."""
+    for base in (Path("/run"), Path("/dev/shm")):
+        if base.is_dir() and filesystem_of(base) == "tmpfs" and os.access(base, os.W_OK):
+            return Path(tempfile.mkdtemp(prefix="charger-footprint-", dir=base))
+    path = workdir / "run"
+    path.mkdir()
+    return path
+
+
 async def start_simulator(config: Path, workdir: Path) -> asyncio.subprocess.Process:
     log = (workdir / "sim.log").open("w")
     proc = await asyncio.create_subprocess_exec(
@@ -210,9 +220,11 @@ async def measure(window: float, step: float, keep: bool) -> dict[str, Any]:
     notify.start()
     result: dict[str, Any] = {}
     try:
-        # as systemd runs it: sd_notify socket and RuntimeDirectory= (the 1 s snapshot goes there)
-        (workdir / "run").mkdir()
-        env = {"NOTIFY_SOCKET": str(notify.path), "RUNTIME_DIRECTORY": str(workdir / "run")}
+        # as systemd runs it: sd_notify socket and RuntimeDirectory= on a tmpfs (the 1 s
+        # snapshot goes there); /dev/shm stands in for /run where /run is not a tmpfs
+        runtime_dir = runtime_directory(workdir)
+        result["runtime_dir"] = f"{runtime_dir} ({filesystem_of(runtime_dir)})"
+        env = {"NOTIFY_SOCKET": str(notify.path), "RUNTIME_DIRECTORY": str(runtime_dir)}
         async with AgentUnderTest(config=config, workdir=workdir, keep=keep, extra_env=env) as aut:
             await aut.until("READY=1 from the agent", lambda: notify.ready_at is not None, 60, 0.01)
             assert aut.exec_at is not None and notify.ready_at is not None
@@ -241,6 +253,10 @@ async def measure(window: float, step: float, keep: bool) -> dict[str, Any]:
             result["rss_mib_end"] = rss_mib(aut.pid)
     finally:
         notify.close()
+        if "runtime_dir" in result and not str(result["runtime_dir"]).startswith(str(workdir)):
+            import shutil
+
+            shutil.rmtree(str(result["runtime_dir"]).split(" (")[0], ignore_errors=True)
         if sim.returncode is None:
             sim.send_signal(signal.SIGTERM)
             try:
@@ -299,6 +315,7 @@ def main() -> int:
     charging = r["charging_at_end"]
     ok = charging.get(1) == "charging" and charging.get(2) == "charging"
     print(f"{'both still charging at the end':<34}{'yes' if ok else 'NO':>18}")
+    print(f"status snapshot written to {r.get('runtime_dir')}")
     return 0 if ok else 1
 
 
