@@ -296,8 +296,17 @@ class Connector:
         self._wake.set()
 
     async def _sleep_tick(self) -> None:
-        # on the shared tick grid: every connector (and the pilots) wake together
-        await self._wake.wait_for_tick(self.policy.tick_s)
+        # on the shared tick grid: every connector (and the pilots) wake together. The
+        # control tick is tick_s whenever energy could flow or is being prepared; with no
+        # session, no pending start and the contactor open, idle_tick_s is enough (a
+        # command, a resume or shutdown wakes the loop at once)
+        idle = (
+            self.session is None
+            and self._pending is None
+            and self._resume is None
+            and not self.hw.contactor.status().coil_energised
+        )
+        await self._wake.wait_for_tick(max(self.policy.idle_tick_s, self.policy.tick_s) if idle else self.policy.tick_s)
         self._wake.clear()
 
     def _set_state(self, state: ConnectorState) -> None:
