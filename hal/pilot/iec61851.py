@@ -253,6 +253,8 @@ class Iec61851Vehicle:
             raise ValueError(f"PWM duty must be 0..100 %, got {percent}")
         previous = self._duty
         self._duty = float(percent)
+        if self._duty == previous and self._pwm_ready and self._pwm_error is None:
+            return  # already on the wire: the control loop re-asserts its duty every tick
         await self._apply_pwm()
         if self._duty != previous and self._pwm_error is None:
             self._log.info("pilot_pwm_set", pwm_duty_percent=self._duty, previous=previous)
