@@ -66,6 +66,8 @@ class ChargerSection(StrictModel):
         None, min_length=1, max_length=64, description="charger firmware version sent at registration (default: the agent version)"
     )
     state_dir: Path = Path("/var/lib/charger-agent")
+    #: where the 1 s status snapshot goes; None: $RUNTIME_DIRECTORY (systemd), else state_dir
+    runtime_dir: Path | None = None
     timezone: str = "UTC"
     v2g_capable: bool = False
 

@@ -29,6 +29,8 @@ from typing import Any
 
 import structlog
 
+from hal.tick import sleep_to_grid
+
 from agent import __version__
 from agent.channels.tellus.channel import TellusChannel
 from agent.channels.tellus.reporter import Reporter
@@ -53,6 +55,7 @@ from agent.service.diagnostics import DiagnosticServices
 from agent.service.hardware import HardwareStack
 from agent.service.housekeeping import Housekeeping, outbox_canary
 from agent.service.lifecycle import Lifecycle
+from agent.service.memory import trim_heap
 from agent.service.recovery import close_interrupted_commands, close_open_sessions
 from agent.service.sdnotify import Notifier, Watchdog, default_notifier
 from agent.service.snapshot import StatusProjection
@@ -198,7 +201,11 @@ class Agent:
                 update_status=lambda: projection.systemd_status(self.notifier, self.watchdog),
             )
             tasks = [asyncio.create_task(housekeeping.run(), name="housekeeping")]
-            status_writer = StatusWriter(status_path(state_dir), 1.0, projection.snapshot)
+            # the 1 s snapshot goes to the runtime directory (tmpfs), not the state directory
+            snapshot_file = status_path(state_dir, runtime_dir=cfg.charger.runtime_dir)
+            with contextlib.suppress(OSError):  # a failing writer reports itself
+                snapshot_file.parent.mkdir(parents=True, exist_ok=True)
+            status_writer = StatusWriter(snapshot_file, 1.0, projection.snapshot)
             await status_writer.start()
             stack.push_async_callback(status_writer.stop)
             if cfg.platform.enabled:
@@ -215,6 +222,7 @@ class Agent:
             log.info("agent_started", version=__version__, connectors=ids, platform=cfg.platform.url if cfg.platform.enabled else None)
             projection.systemd_status(self.notifier, self.watchdog, ready=True)  # READY=1: config, state and HAL are up
             self.watchdog.start()
+            trim_heap()  # start-up's garbage back to the kernel (RSS)
 
             await stop.wait()
             await self.watchdog.stop()

@@ -91,8 +91,11 @@ class AgentUnderTest:
         rate_limits_enabled: bool = True,
         workdir: Path | None = None,
         keep: bool = False,
+        extra_env: dict[str, str] | None = None,
     ) -> None:
         self.config = config
+        self.extra_env = dict(extra_env or {})
+        self.exec_at: float | None = None  # time.monotonic() right before the agent's exec
         self.emulator = Emulator(token_ttl=3600, rate_limits_enabled=rate_limits_enabled)
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="charger-bench-"))
         self.log_path = self.workdir / "agent.log"
@@ -108,6 +111,7 @@ class AgentUnderTest:
     async def __aenter__(self) -> Self:
         await self.emulator.start(host="127.0.0.1", port=0)
         with self.log_path.open("w") as log_file:
+            self.exec_at = time.monotonic()
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
@@ -124,7 +128,7 @@ class AgentUnderTest:
                 stdout=log_file,
                 stderr=log_file,
                 cwd=str(ROOT),
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **self.extra_env},
             )
         return self
 

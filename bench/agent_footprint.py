@@ -1,24 +1,28 @@
-"""Agent footprint: RSS and CPU time per hour with both simulated connectors charging.
+"""Agent footprint: the agent ALONE, idle / one connector charging / both charging.
 
-    python bench/agent_footprint.py [--seconds 120] [--interval 1.0] [--json]
+    python bench/agent_footprint.py [--window 60] [--sample 10] [--json] [--keep]
 
-Setup (like ``tools/demo``): the platform emulator in this process, the agent as its own
-process on a copy of config/sim.toml with a second simulated vehicle appended for connector 2
-(AC, 3 phases, 32 A) -- connector 1's DC vehicle is kept. Both vehicles plug in ~3 s after
-start; ``start_charging`` is queued for each connector; the measurement starts once the
-emulator has received telemetry with state "charging" for both connectors.
+Setup: the two-process bench of ``config/bench-udp.toml`` (a copy with its own multicast
+port, loopback ports and directories). The simulated charger runs in its own process
+(``charger-agent sim``), the platform emulator in this one, and the agent as
+``charger-agent run`` with ``$NOTIFY_SOCKET`` pointing at a datagram socket this script
+reads (as systemd would), so the figures are the agent process only: CAN over
+``udp_multicast``, Modbus over loopback TCP, contactor/pilot/hwmon files.
 
-Measurement window (``--seconds``, default 120): every ``--interval`` s the agent's
-/proc/<pid>/status (VmRSS) and /proc/<pid>/stat (utime + stime, all threads) are read.
-Reported: RSS median and max (MiB), CPU seconds used in the window, extrapolated to CPU
-seconds per hour and as a share of one CPU, and the heartbeat / telemetry requests the
-emulator received in the window (telemetry: one request per connector sample, every 5 s
-per charging connector).
+Measured, in this order:
 
-The agent process also hosts the simulated charger (physics every 50 ms, the virtual CAN
-bus, the pymodbus TCP/RTU servers, the sysfs-like files): the figures are agent +
-simulator, an upper bound for the agent alone on real hardware (where the drivers talk to
-real devices instead). Log level is the config's (info), written to a file.
+* **READY**: from just before the agent's exec to its ``READY=1`` datagram;
+* **idle**: both vehicles plugged in and waiting (no session), after the plug-in burst;
+* **one charging**: ``start_charging`` on connector 1 (DC), once its telemetry says charging;
+* **two charging**: then connector 2 (AC) too;
+* **import time**: ``import agent.cli.main, agent.runtime`` in a fresh interpreter (median of
+  5), beside the interpreter's own start-up.
+
+Each state is measured for ``--window`` seconds, sampled every ``--sample`` seconds from
+/proc/<pid>/stat (utime + stime, all threads) and /proc/<pid>/status (VmRSS). Reported:
+the median of the per-sample CPU shares (percent of one core) and the median RSS (MiB).
+Goals on the build machine (not asserted anywhere): idle <= 0.5 %, two charging <= 1.5 %,
+RSS <= 45 MiB, READY <= 1.5 s.
 """
 
 from __future__ import annotations
@@ -27,7 +31,12 @@ import argparse
 import asyncio
 import json
 import os
+import random
+import re
+import signal
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +46,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _agent_proc import (
-    SIM_CONFIG,
+    ROOT,
     AgentUnderTest,
     BenchFailed,
     describe_source,
@@ -48,267 +57,265 @@ from _agent_proc import (
 
 from agent.emulator.operator_models import RequestKind
 
-SECOND_VEHICLE = """
-# -- appended by bench/agent_footprint.py: a vehicle on connector 2 (AC) too ---------
-[[sim.vehicles]]
-connector = 2
-plug_in_after_s = 3
-soc = 20
-target_soc = 100
-capacity_kwh = 75
-ac_max_current = 32
-"""
-
+BENCH_UDP = ROOT / "config" / "bench-udp.toml"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-PAGE = os.sysconf("SC_PAGE_SIZE")
+GOALS = {"idle": 0.5, "two_charging": 1.5, "rss_mib": 45.0, "ready_s": 1.5}
+
+
+def _free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def derive_config(workdir: Path) -> Path:
-    text = SIM_CONFIG.read_text()
-    # text append is valid TOML only while [[sim.vehicles]] is the file's last table
-    last_header = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("[")][-1]
-    if not last_header.startswith("[[sim.vehicles]]"):
-        raise BenchFailed(
-            f"config/sim.toml no longer ends with [[sim.vehicles]] (last table {last_header!r})"
-        )
-    path = workdir / "sim-two-vehicles.toml"
-    path.write_text(text.rstrip("\n") + "\n" + SECOND_VEHICLE)
+    """bench-udp.toml with this run's own multicast group/port, loopback ports and dirs."""
+    text = BENCH_UDP.read_text()
+    replacements = [
+        (r'^channel = "239\.[0-9.]+"', f'channel = "239.74.{random.randrange(1, 255)}.{random.randrange(1, 255)}"'),
+        (r"options = \{ port = \d+, hop_limit = 0 \}",
+         f"options = {{ port = {_free_port(socket.SOCK_DGRAM)}, hop_limit = 0 }}"),
+        (r"^tcp_port = 15030", f"tcp_port = {_free_port()}"),
+        (r"^tcp_port = 15031", f"tcp_port = {_free_port()}"),
+        (r"^control_port = \d+", f"control_port = {_free_port()}"),
+        (r'^root = "/tmp/charger-sim-udp"', f'root = "{workdir / "sim"}"'),
+        (r'^state_dir = "[^"]*"', f'state_dir = "{workdir / "state"}"'),
+    ]
+    for pattern, value in replacements:
+        text, n = re.subn(pattern, value, text, count=1, flags=re.M)
+        if n != 1:
+            raise BenchFailed(f"config/bench-udp.toml no longer matches {pattern!r}")
+    path = workdir / "bench-udp.toml"
+    path.write_text(text)
     return path
 
 
 def cpu_seconds(pid: int) -> float:
     """utime + stime of the whole process (all threads), seconds."""
     raw = Path(f"/proc/{pid}/stat").read_text()
-    fields = raw[raw.rindex(")") + 2 :].split()  # after "pid (comm) "
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def thread_cpu(pid: int) -> dict[str, float]:
-    """CPU seconds per thread, keyed "comm/tid" (threads that exit in between are lost)."""
-    out: dict[str, float] = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            raw = (task / "stat").read_text()
-        except OSError:
-            continue
-        comm = raw[raw.index("(") + 1 : raw.rindex(")")]
-        fields = raw[raw.rindex(")") + 2 :].split()
-        out[f"{comm}/{task.name}"] = (int(fields[11]) + int(fields[12])) / CLK_TCK
-    return out
-
-
-def status_fields(pid: int) -> dict[str, int]:
-    out = {}
+def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "Threads"):
-            out[key] = int(value.split()[0])  # kB, or a count for Threads
-    return out
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    return 0.0
 
 
-def last_telemetry_state(aut: AgentUnderTest) -> dict[int, str]:
+def telemetry_states(aut: AgentUnderTest) -> dict[int, str]:
     states: dict[int, str] = {}
     for r in aut.emulator.received(kind=RequestKind.TELEMETRY):
-        bodies = r.body if isinstance(r.body, list) else [r.body]
-        for b in bodies:
+        for b in r.body if isinstance(r.body, list) else [r.body]:
             if r.accepted and isinstance(b, dict) and "connector_id" in b:
                 states[int(b["connector_id"])] = str(b.get("state"))
     return states
 
 
-async def measure(seconds: float, interval: float, keep: bool) -> dict[str, Any]:
+async def sample_state(aut: AgentUnderTest, window: float, step: float) -> dict[str, Any]:
+    """CPU share per ``step`` and RSS over ``window`` seconds; medians."""
+    pid = aut.pid
+    shares: list[float] = []
+    rss: list[float] = []
+    t_prev, c_prev = time.monotonic(), cpu_seconds(pid)
+    end = t_prev + window
+    while time.monotonic() < end - 1e-3:
+        await asyncio.sleep(min(step, end - time.monotonic()))
+        if aut.proc is not None and aut.proc.returncode is not None:
+            raise BenchFailed(f"the agent exited during the measurement; log: {aut.log_path}")
+        t, c = time.monotonic(), cpu_seconds(pid)
+        shares.append((c - c_prev) / (t - t_prev) * 100.0)
+        rss.append(rss_mib(pid))
+        t_prev, c_prev = t, c
+    return {
+        "cpu_pct_median": statistics.median(shares),
+        "cpu_pct_samples": [round(x, 3) for x in shares],
+        "rss_mib_median": statistics.median(rss),
+        "rss_mib_max": max(rss),
+    }
+
+
+def import_time(runs: int = 5) -> dict[str, float]:
+    """Median wall time of a bare interpreter and of importing what ``run`` imports."""
+
+    def timed(code: str) -> float:
+        out = subprocess.run(
+            [sys.executable, "-c", f"import time; t = time.perf_counter(); {code}; print(time.perf_counter() - t)"],
+            cwd=ROOT, capture_output=True, text=True, check=True,
+        ).stdout
+        return float(out.strip().splitlines()[-1])
+
+    def startup() -> float:
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "pass"], check=True)
+        return time.perf_counter() - t
+
+    return {
+        "interpreter_s": statistics.median(startup() for _ in range(runs)),
+        "import_s": statistics.median(timed("import agent.cli.main, agent.runtime") for _ in range(runs)),
+    }
+
+
+class NotifyListener:
+    """The ``$NOTIFY_SOCKET`` end: records when each sd_notify message arrived."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.setblocking(False)
+        self.ready_at: float | None = None
+        self.messages: list[str] = []
+
+    def start(self) -> None:
+        asyncio.get_running_loop().add_reader(self.sock.fileno(), self._read)
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except BlockingIOError:
+                return
+            text = data.decode(errors="replace")
+            self.messages.append(text)
+            if self.ready_at is None and "READY=1" in text.splitlines():
+                self.ready_at = time.monotonic()
+
+    def close(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
+def runtime_directory(workdir: Path) -> Path:
+    """A directory on a tmpfs, as systemd's ``/run/charger-agent`` is."""
+    for base in (Path("/run"), Path("/dev/shm")):
+        if base.is_dir() and filesystem_of(base) == "tmpfs" and os.access(base, os.W_OK):
+            return Path(tempfile.mkdtemp(prefix="charger-footprint-", dir=base))
+    path = workdir / "run"
+    path.mkdir()
+    return path
+
+
+async def start_simulator(config: Path, workdir: Path) -> asyncio.subprocess.Process:
+    log = (workdir / "sim.log").open("w")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent", "sim", "--config", str(config), "--log-level", "warning",
+        stdout=log, stderr=log, stdin=asyncio.subprocess.DEVNULL, cwd=str(ROOT),
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    deadline = time.monotonic() + 30
+    while "can bus modules" not in (workdir / "sim.log").read_text():
+        if proc.returncode is not None or time.monotonic() > deadline:
+            raise BenchFailed(f"the simulator did not start; log: {workdir / 'sim.log'}")
+        await asyncio.sleep(0.05)
+    return proc
+
+
+async def measure(window: float, step: float, keep: bool) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="charger-footprint-"))
     config = derive_config(workdir)
-    async with AgentUnderTest(config=config, workdir=workdir, keep=keep) as aut:
-        t_launch = time.monotonic()
-        await aut.wait_registered()
-        await aut.wait_plugged(1)
-        await aut.wait_plugged(2)
-        commands = {
-            cid: aut.emulator.queue_command(
-                command="start_charging",
-                connector_id=cid,
-                params={"transaction_id": f"bench-{cid}"},
-            )
-            for cid in (1, 2)
-        }
-        store = aut.emulator.context.store
-        await aut.until(
-            "start_charging accepted on both connectors",
-            lambda: all(
-                any(s.status == "accepted" for s in store.command(c).statuses)
-                for c in commands.values()
-            ),
-            60,
-        )
-        await aut.until(
-            "telemetry state 'charging' on both connectors",
-            lambda: all(last_telemetry_state(aut).get(c) == "charging" for c in (1, 2)),
-            90,
-        )
-        charging_after = time.monotonic() - t_launch
-        await asyncio.sleep(2.0)  # let the session-start burst (events, first samples) pass
+    sim = await start_simulator(config, workdir)
+    notify = NotifyListener(workdir / "notify.sock")
+    notify.start()
+    result: dict[str, Any] = {}
+    try:
+        # as systemd runs it: sd_notify socket and RuntimeDirectory= on a tmpfs (the 1 s
+        # snapshot goes there); /dev/shm stands in for /run where /run is not a tmpfs
+        runtime_dir = runtime_directory(workdir)
+        result["runtime_dir"] = f"{runtime_dir} ({filesystem_of(runtime_dir)})"
+        env = {"NOTIFY_SOCKET": str(notify.path), "RUNTIME_DIRECTORY": str(runtime_dir)}
+        async with AgentUnderTest(config=config, workdir=workdir, keep=keep, extra_env=env) as aut:
+            await aut.until("READY=1 from the agent", lambda: notify.ready_at is not None, 60, 0.01)
+            assert aut.exec_at is not None and notify.ready_at is not None
+            result["ready_s"] = notify.ready_at - aut.exec_at
+            await aut.wait_registered()
+            await aut.wait_plugged(1)
+            await aut.wait_plugged(2)
+            await asyncio.sleep(5.0)  # the plug-in burst (events, telemetry) passes
+            result["idle"] = await sample_state(aut, window, step)
+            store = aut.emulator.context.store
+            for cid, key in ((1, "one_charging"), (2, "two_charging")):
+                command = aut.emulator.queue_command(
+                    command="start_charging", connector_id=cid, params={"transaction_id": f"bench-{cid}"}
+                )
+                await aut.until(
+                    f"start_charging accepted on connector {cid}",
+                    lambda c=command: any(s.status == "accepted" for s in store.command(c).statuses), 60,
+                )
+                await aut.until(
+                    f"telemetry 'charging' on connector {cid}",
+                    lambda c=cid: telemetry_states(aut).get(c) == "charging", 90,
+                )
+                await asyncio.sleep(3.0)  # the session-start burst passes
+                result[key] = await sample_state(aut, window, step)
+            result["charging_at_end"] = telemetry_states(aut)
+            result["rss_mib_end"] = rss_mib(aut.pid)
+    finally:
+        notify.close()
+        if "runtime_dir" in result and not str(result["runtime_dir"]).startswith(str(workdir)):
+            import shutil
 
-        pid = aut.pid
-        seq0 = len(aut.emulator.received())
-        rss_kib: list[int] = []
-        threads: list[int] = []
-        t0 = time.monotonic()
-        cpu0 = cpu_seconds(pid)
-        tcpu0 = thread_cpu(pid)
-        next_at = t0
-        while True:
-            if aut.proc is not None and aut.proc.returncode is not None:
-                raise BenchFailed(f"the agent exited during the measurement; log: {aut.log_path}")
-            st = status_fields(pid)
-            rss_kib.append(st["VmRSS"])
-            threads.append(st.get("Threads", 0))
-            now = time.monotonic()
-            if now - t0 >= seconds:
-                break
-            next_at += interval
-            await asyncio.sleep(max(0.0, min(next_at, t0 + seconds) - time.monotonic()))
-        cpu1 = cpu_seconds(pid)
-        tcpu1 = thread_cpu(pid)
-        t1 = time.monotonic()
-        final = status_fields(pid)
-        window = aut.emulator.received()[seq0:]
-        states_end = last_telemetry_state(aut)
-        sim_state: dict[str, Any] = {}
-        try:
-            import aiohttp
-
-            async with (
-                aiohttp.ClientSession() as http,
-                http.get(aut.control_url() + "/state") as resp,
-            ):
-                snap = await resp.json()
-            for c in snap.get("connectors", []):
-                meter = c.get("meter", {})
-                sim_state[str(c.get("id"))] = {
-                    "soc": c.get("soc"),
-                    "power_kw": meter.get("power_kw"),
-                }
-        except (aiohttp.ClientError, OSError, ValueError) as exc:  # informational only
-            sim_state = {"error": str(exc)}
-
-        elapsed = t1 - t0
-        cpu = cpu1 - cpu0
-        kinds: dict[str, int] = {}
-        for r in window:
-            kinds[r.kind.value] = kinds.get(r.kind.value, 0) + 1
-        tel_by_conn: dict[str, int] = {}
-        for r in window:
-            if r.kind == RequestKind.TELEMETRY and isinstance(r.body, dict):
-                k = str(r.body.get("connector_id"))
-                tel_by_conn[k] = tel_by_conn.get(k, 0) + 1
-        main_key = next((k for k in tcpu1 if k.endswith(f"/{pid}")), None)
-        main_cpu = tcpu1.get(main_key, 0.0) - tcpu0.get(main_key, 0.0) if main_key else 0.0
-        return {
-            "window_s": elapsed,
-            "samples": len(rss_kib),
-            "rss_median_mib": statistics.median(rss_kib) / 1024.0,
-            "rss_max_mib": max(rss_kib) / 1024.0,
-            "rss_min_mib": min(rss_kib) / 1024.0,
-            "vm_hwm_mib": final.get("VmHWM", 0) / 1024.0,
-            "rss_anon_mib_end": final.get("RssAnon", 0) / 1024.0,
-            "rss_file_mib_end": final.get("RssFile", 0) / 1024.0,
-            "threads_max": max(threads) if threads else None,
-            "cpu_s_window": cpu,
-            "cpu_s_per_hour": cpu / elapsed * 3600.0,
-            "cpu_share_pct": cpu / elapsed * 100.0,
-            "cpu_s_since_launch": cpu1,
-            "cpu_s_window_main_thread": main_cpu,
-            "requests_in_window": kinds,
-            "heartbeat_requests": kinds.get("heartbeat", 0),
-            "telemetry_requests": kinds.get("telemetry", 0),
-            "telemetry_by_connector": tel_by_conn,
-            "rejected_in_window": sum(1 for r in window if not r.accepted and r.http_status != 0),
-            "telemetry_state_end": {str(k): v for k, v in states_end.items()},
-            "sim_state_end": sim_state,
-            "both_charging_after_s": charging_after,
-            "pid": pid,
-            "workdir": str(workdir) if keep else None,
-        }
+            shutil.rmtree(str(result["runtime_dir"]).split(" (")[0], ignore_errors=True)
+        if sim.returncode is None:
+            sim.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(sim.wait(), 20)
+            except TimeoutError:
+                sim.kill()
+                await sim.wait()
+    result["workdir"] = str(workdir) if keep else None
+    return result
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--seconds", type=float, default=120.0, help="measurement window (default 120)"
-    )
-    parser.add_argument(
-        "--interval", type=float, default=1.0, help="sampling interval, s (default 1)"
-    )
-    parser.add_argument(
-        "--keep", action="store_true", help="keep the temp dir (agent log, state, config)"
-    )
+    parser.add_argument("--window", type=float, default=60.0, help="seconds per state (default 60)")
+    parser.add_argument("--sample", type=float, default=10.0, help="CPU sample length, s (default 10)")
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, state, config)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args()
     quiet_logs()
-    source = source_state()  # before the run: others may edit the tree meanwhile
+    source = source_state()
     try:
-        r = asyncio.run(measure(args.seconds, args.interval, args.keep))
+        r = asyncio.run(measure(args.window, args.sample, args.keep))
     except BenchFailed as exc:
         print(f"BENCHMARK FAILED: {exc}", file=sys.stderr)
         return 1
-    meta: dict[str, Any] = {
+    r["imports"] = import_time()
+    meta = {
         "python": sys.version.split()[0],
         "cpus": os.cpu_count(),
         "filesystem": filesystem_of(Path(tempfile.gettempdir())),
-        "clk_tck": CLK_TCK,
         "loadavg_end": os.getloadavg(),
-        "config": "config/sim.toml + [[sim.vehicles]] connector 2 (AC)",
         "agent_source": source,
     }
     if args.json:
         print(json.dumps({"meta": meta, "result": r}, indent=2))
         return 0
-    ok = (
-        all(v == "charging" for v in r["telemetry_state_end"].values())
-        and len(r["telemetry_state_end"]) >= 2
-    )
     print(
-        f"agent_footprint: agent + in-process simulator, connectors 1 (DC) and 2 (AC) charging, "
-        f"{r['window_s']:.0f} s window, {r['samples']} samples; Python {meta['python']}, {meta['cpus']} CPUs, "
-        f"state dir on {meta['filesystem']}"
+        f"agent_footprint: the agent alone (simulator in its own process, CAN over udp_multicast, "
+        f"Modbus over loopback TCP); {args.window:g} s per state, {args.sample:g} s samples; "
+        f"Python {meta['python']}, {meta['cpus']} CPUs, load {meta['loadavg_end'][0]:.2f}; "
+        f"{describe_source(source)}"
     )
-    print(
-        f"  {describe_source(meta['agent_source'])}; load average at the end {meta['loadavg_end'][0]:.2f}"
-    )
-    print(f"{'RSS median':<28}{r['rss_median_mib']:>10.1f} MiB")
-    print(
-        f"{'RSS max':<28}{r['rss_max_mib']:>10.1f} MiB   (min {r['rss_min_mib']:.1f}, peak since start VmHWM {r['vm_hwm_mib']:.1f})"
-    )
-    print(
-        f"{'RSS anon / file at end':<28}{r['rss_anon_mib_end']:>10.1f} / {r['rss_file_mib_end']:.1f} MiB"
-    )
-    print(
-        f"{'CPU in window':<28}{r['cpu_s_window']:>10.2f} s   (user+system, {r['threads_max']} threads)"
-    )
-    print(
-        f"{'  of which main thread':<28}{r['cpu_s_window_main_thread']:>10.2f} s   (the event loop: agent and simulator; the rest: SQLite/executor threads)"
-    )
-    print(
-        f"{'CPU per hour':<28}{r['cpu_s_per_hour']:>10.0f} s/h  = {r['cpu_share_pct']:.2f} % of one CPU"
-    )
-    print(f"{'heartbeat requests':<28}{r['heartbeat_requests']:>10}")
-    print(
-        f"{'telemetry requests':<28}{r['telemetry_requests']:>10}   "
-        + ", ".join(f"connector {k}: {v}" for k, v in sorted(r["telemetry_by_connector"].items()))
-    )
-    print(
-        f"{'all requests in window':<28}{sum(r['requests_in_window'].values()):>10}   {json.dumps(r['requests_in_window'], sort_keys=True)}"
-    )
-    print(f"{'rejected by the emulator':<28}{r['rejected_in_window']:>10}")
-    print(
-        f"{'still charging at the end':<28}{'yes' if ok else 'NO':>10}   telemetry {r['telemetry_state_end']}, "
-        f"simulator {r['sim_state_end']}"
-    )
-    print(
-        "CPU s/h = CPU seconds in the window / window length x 3600 (both connectors charging the whole time);\n"
-        "the process includes the simulated charger, so this is an upper bound for the agent alone."
-    )
+    print(f"{'state':<34}{'CPU % of one core':>18}{'RSS MiB':>10}   goal")
+    for key, label, goal in (
+        ("idle", "idle (both plugged, waiting)", f"<= {GOALS['idle']} %"),
+        ("one_charging", "one connector charging (DC)", ""),
+        ("two_charging", "two connectors charging (DC + AC)", f"<= {GOALS['two_charging']} %"),
+    ):
+        s = r[key]
+        print(f"{label:<34}{s['cpu_pct_median']:>18.2f}{s['rss_mib_median']:>10.1f}   {goal}"
+              f"   (samples {s['cpu_pct_samples']})")
+    print(f"{'RSS max over all states':<34}{'':>18}{max(r[k]['rss_mib_max'] for k in ('idle', 'one_charging', 'two_charging')):>10.1f}   <= {GOALS['rss_mib']} MiB")
+    print(f"{'start to READY=1':<34}{r['ready_s']:>17.2f}s{'':>10}   <= {GOALS['ready_s']} s")
+    imp = r["imports"]
+    print(f"{'import agent.cli.main + runtime':<34}{imp['import_s']:>17.3f}s   (bare interpreter start {imp['interpreter_s']:.3f} s)")
+    charging = r["charging_at_end"]
+    ok = charging.get(1) == "charging" and charging.get(2) == "charging"
+    print(f"{'both still charging at the end':<34}{'yes' if ok else 'NO':>18}")
+    print(f"status snapshot written to {r.get('runtime_dir')}")
     return 0 if ok else 1
 
 

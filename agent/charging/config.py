@@ -52,6 +52,10 @@ class ChargingSection(StrictModel):
 
     autostart: bool = Field(False, description="free vend: start a session on plug-in without a command")
     tick_s: float = Field(0.1, ge=0.02, le=0.5, description="control-loop period")
+    idle_tick_s: float = Field(
+        0.5, ge=0.02, le=2.0,
+        description="control-loop period while the connector is idle (no session, contactor open)",
+    )
     isolation_fault_kohm: float = Field(100.0, ge=1.0, le=10_000.0, description="IEC 61851-23:2023 fault limit")
     isolation_readings: int = Field(3, ge=1, le=20, description="fresh readings required to pass")
     isolation_grace_s: float = Field(1.0, ge=0.0, le=30.0, description="readings ignored after voltage is applied")

@@ -59,6 +59,7 @@ from agent.charging.setpoints import ac_duty
 from agent.charging.supervision import ConnectorSupervisor
 from agent.charging.view import ConnectorSnapshot, SessionView
 from agent.utctime import to_iso, utc_now
+from hal.tick import Wakeup
 from hal.interfaces import (
     ContactorError,
     PilotState,
@@ -111,7 +112,7 @@ class Connector:
         self.last_isolation_kohm: float | None = None
         self.last_isolation_at: str | None = None
         self._stopping = asyncio.Event()
-        self._wake = asyncio.Event()
+        self._wake = Wakeup()
         self.last_error: str | None = None
         self.ticks = 0  # control-loop iterations: the systemd watchdog's progress signal
 
@@ -338,10 +339,17 @@ class Connector:
         self._wake.set()
 
     async def _sleep_tick(self) -> None:
-        try:
-            await asyncio.wait_for(self._wake.wait(), self.policy.tick_s)
-        except asyncio.TimeoutError:
-            pass
+        # on the shared tick grid: every connector (and the pilots) wake together. The
+        # control tick is tick_s whenever energy could flow or is being prepared; with no
+        # session, no pending start and the contactor open, idle_tick_s is enough (a
+        # command, a resume or shutdown wakes the loop at once)
+        idle = (
+            self.session is None
+            and self._pending is None
+            and self._resume is None
+            and not self.hw.contactor.status().coil_energised
+        )
+        await self._wake.wait_for_tick(max(self.policy.idle_tick_s, self.policy.tick_s) if idle else self.policy.tick_s)
         self._wake.clear()
 
     def _set_state(self, state: ConnectorState) -> None:

@@ -79,7 +79,8 @@ def cmd_sim(args: argparse.Namespace) -> int:
                 where = f"127.0.0.1:{link.tcp_port}" if link.transport == "tcp" else str(link.port)
                 print(f"  modbus link {name}: {link.transport} {where}", flush=True)
             for name, bus in cfg.can.items():
-                print(f"  can bus {name}: {bus.interface} {bus.channel}", flush=True)
+                opts = f" options {bus.options}" if bus.options else ""
+                print(f"  can bus {name}: {bus.interface} {bus.channel}{opts}", flush=True)
             await stop.wait()
         return EXIT_OK
 
@@ -89,7 +90,10 @@ def cmd_sim(args: argparse.Namespace) -> int:
 def cmd_emulator(args: argparse.Namespace) -> int:
     from agent.emulator.cli import main as emulator_main
 
-    return int(emulator_main(args.emulator_args))
+    forwarded = list(args.emulator_args)
+    if forwarded[:1] == ["--"]:  # `charger-agent emulator -- --port 8080`: argparse keeps the "--"
+        forwarded = forwarded[1:]
+    return int(emulator_main(forwarded))
 
 
 def cmd_run(args: argparse.Namespace) -> int:

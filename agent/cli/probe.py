@@ -51,7 +51,14 @@ def _plain(value: Any) -> Any:
 
 def _readings(kind: str, device: Any) -> dict[str, Any]:
     if kind == "power_modules":
-        return {"modules": [_plain(m) for m in device.modules()], "voltage": device.measured_voltage(), "current": device.measured_current()}
+        port = device.describe().get("port", {})
+        bus = {k: _plain(port.get(k)) for k in ("bus", "interface", "channel", "options")}
+        return {
+            "bus": bus,
+            "modules": [_plain(m) for m in device.modules()],
+            "voltage": device.measured_voltage(),
+            "current": device.measured_current(),
+        }
     if kind == "meter":
         r = device.reading()
         return _plain(r) if r is not None else {}
@@ -164,6 +171,13 @@ def _summary(r: ProbeResult) -> list[str]:
     d = r.readings
     if r.kind == "power_modules":
         lines = []
+        bus = d.get("bus") or {}
+        if bus.get("interface"):
+            opts = ", ".join(f"{k}={v!r}" for k, v in sorted((bus.get("options") or {}).items()))
+            lines.append(
+                f"CAN bus {bus.get('bus')}: interface {bus['interface']} channel {bus.get('channel')!r}"
+                f"  options {{{opts}}}"
+            )
         for m in d.get("modules", []):
             flags = ",".join(m.get("flags") or []) or "-"
             lines.append(

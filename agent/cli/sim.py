@@ -155,17 +155,29 @@ class SimulatedCharger:
 
     async def _start_can(self) -> None:
         groups: dict[tuple[str, str], dict[int, Any]] = {}
+        protocol_options: dict[tuple[str, str], dict[str, Any]] = {}
         for conn in self.cfg.connectors:
             if conn.power_modules is None:
                 continue
-            bus = conn.power_modules.options.bus
-            key = (bus, conn.power_modules.driver)
+            opts = conn.power_modules.options
+            key = (opts.bus, conn.power_modules.driver)
             for module in self.world.connector(conn.id).modules:
                 groups.setdefault(key, {})[module.address] = module
+            if conn.power_modules.driver == "winline":
+                # the simulated modules follow what the driver was told about them
+                protocol_options.setdefault(key, {
+                    "winline_ptp_group_bits": opts.ptp_group_bits,
+                    "winline_current_limit_point": opts.current_limit_point,
+                })
         for (bus, protocol), modules in groups.items():
             if protocol not in ("infypower", "winline"):
                 raise SimConfigError(f"no simulator for power-module driver {protocol!r}")
-            await self._add(CanModuleSimulator(self.cfg.can[bus], modules, protocol, self.world))  # type: ignore[arg-type]
+            await self._add(
+                CanModuleSimulator(
+                    self.cfg.can[bus], modules, protocol, self.world,  # type: ignore[arg-type]
+                    **protocol_options.get((bus, protocol), {}),
+                )
+            )
 
     async def _start_modbus(self) -> None:
         per_link: dict[str, list[DeviceSimulator]] = {}

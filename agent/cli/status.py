@@ -39,7 +39,7 @@ from typing import Any, TextIO
 
 from agent.config import ChargerSection, ConfigError, load_config
 from agent.maintenance.service_mode import DEFAULT_MINUTES, MAX_MINUTES, read_file, set_off, set_on
-from agent.service.status import fmt_age, is_stale, read_status, render_table, status_path
+from agent.service.status import find_status, fmt_age, is_stale, read_status, render_table
 from agent.utctime import to_iso
 
 EXIT_OK, EXIT_NOT_RUNNING, EXIT_USAGE = 0, 1, 2
@@ -139,9 +139,9 @@ def _config_problem(exc: ConfigError) -> int:
 
 def _snapshot(state_dir: Path) -> tuple[dict[str, Any] | None, float | None, str | None]:
     """``(snapshot, age_s, problem)``; ``problem`` says why the agent is not shown as running."""
-    path = status_path(state_dir)
+    path = find_status(state_dir)
     try:
-        snapshot, age = read_status(state_dir)
+        snapshot, age = read_status(state_dir, path=path)
     except PermissionError:
         return None, None, f"cannot read {path}: permission denied (run with sudo or as the agent's group)"
     except OSError as exc:
@@ -161,7 +161,7 @@ def _json_document(state_dir: Path, snapshot: dict[str, Any] | None, age: float 
     doc: dict[str, Any] = dict(snapshot or {})
     doc["running"] = problem is None
     doc["age_s"] = None if age is None else round(age, 3)
-    doc["status_file"] = str(status_path(state_dir))
+    doc["status_file"] = str(find_status(state_dir))
     if problem is not None:
         doc["error"] = problem
     return doc

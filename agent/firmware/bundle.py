@@ -37,9 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # cryptography is imported on first use: the agent only needs it to upgrade
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -58,22 +59,27 @@ class BundleError(Exception):
 
 
 def generate_keypair() -> tuple[Ed25519PrivateKey, Ed25519PublicKey]:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
     private = Ed25519PrivateKey.generate()
     return private, private.public_key()
 
 
 def public_key_b64(key: Ed25519PublicKey) -> str:
+    from cryptography.hazmat.primitives import serialization
     raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return base64.b64encode(raw).decode("ascii")
 
 
 def private_key_pem(key: Ed25519PrivateKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
 
 
 def _public_from_text(text: str) -> Ed25519PublicKey | None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
     text = text.strip()
     if text.startswith("-----BEGIN"):
         try:
@@ -113,6 +119,8 @@ def load_public_key(value: str | os.PathLike[str]) -> Ed25519PublicKey:
 
 def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
     """A PKCS#8 PEM ed25519 private key (or base64 of the raw 32-byte seed) from a file."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
     p = Path(path)
     try:
         data = p.read_bytes()
@@ -179,6 +187,7 @@ def decode_signature(signature_b64: str) -> bytes:
 
 def verify_signature(path: str | os.PathLike[str], signature_b64: str, key: Ed25519PublicKey) -> None:
     """Raise :class:`BundleError` unless ``signature_b64`` signs the file with ``key``."""
+    from cryptography.exceptions import InvalidSignature
     raw = decode_signature(signature_b64)
     try:
         _with_file_bytes(path, lambda data: key.verify(raw, data))

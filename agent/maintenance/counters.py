@@ -27,6 +27,7 @@ from agent.store.kv import KVStore
 from agent.utctime import to_iso, utc_now
 from hal.interfaces import Contactor, Thermal
 from hal.tasks import stop_task
+from hal.tick import sleep_to_grid
 
 log = structlog.get_logger(__name__)
 
@@ -202,7 +203,7 @@ class FanRuntime:
     async def _run(self) -> None:
         next_persist = self._clock() + self._persist_s
         while True:
-            await asyncio.sleep(self._sample_s)
+            await sleep_to_grid(self._sample_s)
             self.sample()
             if self._clock() >= next_persist:
                 next_persist = self._clock() + self._persist_s

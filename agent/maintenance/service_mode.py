@@ -56,6 +56,7 @@ from agent.utctime import to_iso
 from hal.config import StrictModel
 from hal.gpio.lines import LineError
 from hal.tasks import stop_task
+from hal.tick import sleep_to_grid
 
 log = structlog.get_logger(__name__)
 
@@ -343,7 +344,7 @@ class ServiceMode:
 
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self.poll_interval_s)
+            await sleep_to_grid(self.poll_interval_s)
             try:
                 await self.poll()
             except Exception as exc:  # noqa: BLE001 - a bug here must not end service-mode tracking

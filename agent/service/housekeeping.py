@@ -3,7 +3,7 @@
 :class:`Housekeeping` runs everything periodic that is not a connector's control loop,
 on one timer instead of many:
 
-* every tick (1 s): power-limit expiry, the charger-wide fault checks (cabinet
+* every tick (1 s, on the shared tick grid of :mod:`hal.tick`): power-limit expiry, the charger-wide fault checks (cabinet
   temperature, fans, reconnect storm), component-health persistence, a watchdog beat;
 * every 5 ticks: the schedule engine and the systemd ``STATUS=`` line;
 * every 3600 ticks (from the first): purge finished schedules, old ledger entries and
@@ -27,6 +27,7 @@ from agent.channels.tellus.reporter import Reporter
 from agent.maintenance.health import ComponentHealth
 from agent.service.sdnotify import Watchdog
 from agent.store import Store
+from hal.tick import sleep_to_grid
 
 log = structlog.get_logger(__name__)
 
@@ -78,7 +79,7 @@ class Housekeeping:
                 await self.store.ledger.purge()
                 await self.store.outbox.maintain()
             ticks += 1
-            await asyncio.sleep(TICK_S)
+            await sleep_to_grid(TICK_S)
 
 
 async def outbox_canary(reporter: Reporter, watchdog: Watchdog) -> None:
@@ -86,4 +87,4 @@ async def outbox_canary(reporter: Reporter, watchdog: Watchdog) -> None:
     while True:
         await reporter.drain()
         watchdog.beat("outbox")
-        await asyncio.sleep(CANARY_INTERVAL_S)
+        await sleep_to_grid(CANARY_INTERVAL_S)

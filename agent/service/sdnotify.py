@@ -35,6 +35,7 @@ from typing import Any
 import structlog
 
 from hal.tasks import stop_task
+from hal.tick import sleep_to_grid
 
 log = structlog.get_logger(__name__)
 
@@ -326,7 +327,7 @@ class Watchdog:
         """Check (and ping) every :attr:`period_s` until cancelled."""
         while True:
             self.check()
-            await asyncio.sleep(self.period_s)
+            await sleep_to_grid(self.period_s)
 
     def start(self) -> asyncio.Task[None]:
         if self._task is None or self._task.done():

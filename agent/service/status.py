@@ -1,7 +1,9 @@
 """Status snapshot: what ``charger-agent status`` shows, written by the agent, read by the CLI.
 
 The agent and the CLI are separate processes. The agent's :class:`StatusWriter`
-replaces ``{state_dir}/status.json`` atomically (temp file + rename, mode 0640, no
+replaces ``status.json`` in the runtime directory (:func:`status_path`: ``[charger]
+runtime_dir``, else systemd's ``$RUNTIME_DIRECTORY`` -- ``/run/charger-agent``, a tmpfs,
+so the once-a-second rewrite never touches flash -- else the state directory) atomically (temp file + rename, mode 0640, no
 fsync: the file is a live view, not a record) every ``interval_s``; the CLI reads it
 with :func:`read_status`. A snapshot older than :data:`STALE_AFTER_S` means the agent
 is not running (or hung).
@@ -103,6 +105,8 @@ from typing import Any
 
 import structlog
 
+from hal.tick import sleep_to_grid
+
 from agent.charging.faults import FAULTS, Severity
 from agent.utctime import iso_to_unix, to_iso
 from hal.tasks import stop_task
@@ -117,9 +121,47 @@ FILE_MODE = 0o640
 _BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 
 
-def status_path(state_dir: str | os.PathLike[str]) -> Path:
-    """``{state_dir}/status.json``."""
+#: systemd's RuntimeDirectory= of the installed unit; the CLI looks there too
+DEFAULT_RUNTIME_DIR = Path("/run/charger-agent")
+
+
+def status_path(
+    state_dir: str | os.PathLike[str],
+    *,
+    runtime_dir: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Path:
+    """Where the agent writes its snapshot: ``runtime_dir`` (``[charger] runtime_dir``),
+    else the first entry of ``$RUNTIME_DIRECTORY`` (set by systemd for
+    ``RuntimeDirectory=``), else ``{state_dir}/status.json`` (a shell or test run)."""
+    if runtime_dir is not None:
+        return Path(runtime_dir) / STATUS_FILE
+    runtime = (os.environ if env is None else env).get("RUNTIME_DIRECTORY", "").split(":")[0]
+    if runtime:
+        return Path(runtime) / STATUS_FILE
     return Path(state_dir) / STATUS_FILE
+
+
+def find_status(
+    state_dir: str | os.PathLike[str], *, runtime_dir: str | os.PathLike[str] | None = None
+) -> Path:
+    """The snapshot a reader should use: the most recently written of the agent's path
+    (as :func:`status_path` resolves it here), :data:`DEFAULT_RUNTIME_DIR` and the state
+    directory; the first of them when none exists."""
+    candidates = list(dict.fromkeys([
+        status_path(state_dir, runtime_dir=runtime_dir),
+        DEFAULT_RUNTIME_DIR / STATUS_FILE,
+        Path(state_dir) / STATUS_FILE,
+    ]))
+    best: tuple[float, Path] | None = None
+    for path in candidates:
+        try:
+            mtime = path.stat().st_mtime
+        except OSError:
+            continue
+        if best is None or mtime > best[0]:
+            best = (mtime, path)
+    return best[1] if best is not None else candidates[0]
 
 
 # ---------------------------------------------------------------------------- time helpers
@@ -342,7 +384,7 @@ class StatusWriter:
     async def run(self) -> None:
         while True:
             self.write_once()
-            await asyncio.sleep(self.interval_s)
+            await sleep_to_grid(self.interval_s)
 
     async def start(self) -> None:
         if self._task is None:
@@ -374,8 +416,10 @@ def snapshot_age(snapshot: Mapping[str, Any], *, now: float | None = None, now_m
     return None
 
 
-def read_status(state_dir: str | os.PathLike[str], *, now: float | None = None) -> tuple[dict[str, Any] | None, float | None]:
-    """``(snapshot, age_s)`` from ``{state_dir}/status.json``.
+def read_status(
+    state_dir: str | os.PathLike[str], *, now: float | None = None, path: Path | None = None
+) -> tuple[dict[str, Any] | None, float | None]:
+    """``(snapshot, age_s)`` from ``path`` (default ``{state_dir}/status.json``).
 
     * no file: ``(None, None)``;
     * a file that is not a JSON object: ``(None, age of the file's mtime)``;
@@ -384,7 +428,8 @@ def read_status(state_dir: str | os.PathLike[str], *, now: float | None = None) 
     Raises :class:`PermissionError` (and other :class:`OSError` but "not found") so the
     CLI can say why it cannot read the file.
     """
-    path = status_path(state_dir)
+    if path is None:
+        path = Path(state_dir) / STATUS_FILE
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

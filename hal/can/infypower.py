@@ -4,8 +4,18 @@ All behaviour (comm loss, current split, keep-alive, verification, transport err
 lives in :class:`hal.can.modules_base.PowerModuleGroup`; this module only says which
 frames to send and how to read the answers:
 
-* poll: command 0x03 (float V/I) or 0x09 (integer mV/mA), plus 0x04 (status, signed
-  temperature, group) to every module, every cycle;
+* poll: command 0x03 (float V/I) or 0x09 (integer mV/mA), 0x04 (status, signed
+  temperature, group) and 0x0C (voltage after the output diode) to every module,
+  every cycle. The published output voltage is the after-diode voltage (0x0C), as
+  EVerest publishes it (``output_voltage = "module"``: the module-side reading of
+  0x03/0x09 instead); the current always comes from 0x03/0x09;
+* answers whose identifier carries a non-zero error code (2 command invalid, 3 data
+  invalid, 7 in start processing) are the module's condition, not garbage: the
+  answer is a life sign, its payload is not decoded, and the condition shows as a
+  flag (``command_invalid`` / ``data_invalid``: DEGRADED module_alarm;
+  ``start_processing``: status only; other codes ``reply_error``) until an answer
+  without error code clears it. ``reply_error_codes = "garbage"`` discards such
+  answers as garbage instead;
 * ratings: 0x0A per module until answered;
 * discovery (``addresses`` omitted): 0x02 to the group; ``n`` modules are assumed to
   be addresses ``0..n-1`` (auto-allocated addressing). With two groups on one bus,
@@ -18,6 +28,7 @@ frames to send and how to read the answers:
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field
@@ -60,10 +71,19 @@ class InfyPowerModules(PowerModuleGroup):
         measurement: Literal["float", "integer"] = Field(
             "float", description="read V/I with 0x03 (float) or 0x09 (integer mV/mA)"
         )
+        output_voltage: Literal["after_diode", "module"] = Field(
+            "after_diode",
+            description="publish the after-diode voltage (0x0C) or the module's own (0x03/0x09)",
+        )
+        reply_error_codes: Literal["condition", "garbage"] = Field(
+            "condition",
+            description="an error code in an answer's identifier: module condition, or garbage",
+        )
 
     def __init__(self, name: str, options: InfyPowerModules.Options, ctx: BuildContext) -> None:
         super().__init__(name, options, ctx)
         self.options = options
+        self._after_diode = options.output_voltage == "after_diode"
         self._vi_command = (
             infy.Cmd.READ_MODULE_VI_FLOAT
             if options.measurement == "float"
@@ -87,19 +107,31 @@ class InfyPowerModules(PowerModuleGroup):
         self, source: int, arbitration_id: int, data: bytes | bytearray
     ) -> Reading | Discovery | None:
         command = (arbitration_id >> 16) & 0x3F
-        if arbitration_id >> 26:
-            infy.raise_for_error(infy.parse_id(arbitration_id))
+        error = (arbitration_id >> 26) & 0x7
+        if error:
+            if self.options.reply_error_codes == "garbage" or source == GROUP_SOURCE:
+                infy.raise_for_error(infy.parse_id(arbitration_id))
+            return Reading(source, condition=infy.condition_flags(error))
+        reading = self._decode_payload(source, command, data)
+        if isinstance(reading, Reading):
+            return replace(reading, condition=frozenset())
+        return reading
+
+    def _decode_payload(
+        self, source: int, command: int, data: bytes | bytearray
+    ) -> Reading | Discovery | None:
         if source == GROUP_SOURCE:
             if command == infy.Cmd.READ_MODULE_COUNT:
                 count = infy.decode_module_count(data)
                 return Discovery(tuple(range(count)))
             return None
-        if command == infy.Cmd.READ_MODULE_VI_FLOAT:
-            v, i = infy.decode_vi_float(data)
-            return Reading(source, voltage=v, current=i)
-        if command == infy.Cmd.READ_MODULE_VI_INT:
-            v, i = infy.decode_vi_int(data)
-            return Reading(source, voltage=v, current=i)
+        if command in (infy.Cmd.READ_MODULE_VI_FLOAT, infy.Cmd.READ_MODULE_VI_INT):
+            v, i = (
+                infy.decode_vi_float(data)
+                if command == infy.Cmd.READ_MODULE_VI_FLOAT
+                else infy.decode_vi_int(data)
+            )
+            return Reading(source, voltage=None if self._after_diode else v, current=i)
         if command == infy.Cmd.READ_STATUS:
             st = infy.decode_status(data)
             return Reading(
@@ -119,8 +151,8 @@ class InfyPowerModules(PowerModuleGroup):
                 rated_power_w=r.rated_power_w,
             )
         if command == infy.Cmd.READ_AVAILABLE:
-            infy.decode_available(data)
-            return Reading(source)
+            after_diode, _available = infy.decode_available(data)
+            return Reading(source, voltage=after_diode if self._after_diode else None)
         if command in _ACK_COMMANDS:
             infy.decode_ack(data)
             return Reading(source)
@@ -132,6 +164,7 @@ class InfyPowerModules(PowerModuleGroup):
         return [
             infy.read_request(self._vi_command, self._controller, module=address),
             infy.read_request(infy.Cmd.READ_STATUS, self._controller, module=address),
+            infy.read_request(infy.Cmd.READ_AVAILABLE, self._controller, module=address),
         ]
 
     def _ratings_frames(self, address: int) -> list[Frame]:
@@ -171,4 +204,6 @@ class InfyPowerModules(PowerModuleGroup):
         return {
             "current_sharing": self.options.current_sharing,
             "measurement": self.options.measurement,
+            "output_voltage": self.options.output_voltage,
+            "reply_error_codes": self.options.reply_error_codes,
         }

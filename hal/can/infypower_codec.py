@@ -219,6 +219,21 @@ def response_id(
     )
 
 
+#: Module condition flag per error code of an answer's identifier.
+CONDITION_FLAGS: dict[int, str] = {
+    0x2: "command_invalid",
+    0x3: "data_invalid",
+    0x7: "start_processing",
+}
+
+
+def condition_flags(error: int) -> frozenset[str]:
+    """The condition an answer's error code states: empty for 0, ``reply_error`` if unknown."""
+    if not error:
+        return frozenset()
+    return frozenset({CONDITION_FLAGS.get(error, "reply_error")})
+
+
 def raise_for_error(ident: InfyId) -> None:
     """FrameError if a response identifier carries a non-zero error code."""
     if ident.error:

@@ -44,10 +44,6 @@ log = structlog.get_logger(__name__)
 CAN_ERR_BUSOFF = 0x040
 CAN_ERR_RESTARTED = 0x100
 
-#: Interfaces whose bitrate is not set by python-can (vcan/socketcan: ``ip link``;
-#: in-process and network transports have none).
-_NO_BITRATE = frozenset({"virtual", "socketcan", "udp_multicast", "socketcand"})
-
 #: How long opening a bus may take before :class:`CanPortError` is raised.
 OPEN_TIMEOUT_S = 5.0
 #: Normal-priority frames beyond this many pending ones are dropped (counted).
@@ -152,13 +148,10 @@ class CanPort:
                 self._refs += 1
                 return
             loop = asyncio.get_running_loop()
-            kwargs: dict[str, Any] = {
-                "interface": self.config.interface,
-                "channel": self.config.channel,
-            }
-            if self.config.interface not in _NO_BITRATE:
-                kwargs["bitrate"] = self.config.bitrate
-            where = f"{self.config.interface} channel '{self.config.channel}'"
+            kwargs = self.config.bus_kwargs()
+            where = f"{self.config.interface} channel '{self.config.channel}'" + (
+                f" with options {self.config.options}" if self.config.options else ""
+            )
             try:
                 bus = await asyncio.wait_for(
                     asyncio.to_thread(lambda: can.Bus(**kwargs)), OPEN_TIMEOUT_S
@@ -180,7 +173,7 @@ class CanPort:
             self._bus_off = False
             self._set_health(OK)
             log.info("can_port_opened", bus=self.name, interface=self.config.interface,
-                     channel=self.config.channel)
+                     channel=self.config.channel, options=self.config.options)
 
     async def close(self) -> None:
         """Drop one reference; the last one stops the tasks and shuts the bus down.
@@ -395,6 +388,7 @@ class CanPort:
             "bus": self.name,
             "interface": self.config.interface,
             "channel": self.config.channel,
+            "options": dict(self.config.options),
             "open": self.is_open,
             "health": self._health.state.value,
             "code": self._health.code,

@@ -6,20 +6,26 @@ point-to-point to one module, except discovery and the group-wide OFF:
 
 * poll: registers 0x0001 (V), 0x0002 (A), 0x0040 (status word), 0x0004 (DC-board
   temperature) of every module, every cycle;
-* ratings: 0x0011 (rated power) and 0x0012 (rated current). The voltage range is not
-  readable over CAN and comes from the options (``max_voltage``/``min_voltage``,
-  from the module's datasheet);
+* ratings: 0x0011 (rated power) and 0x0012 (rated current). A module's current
+  limit is register 0x0012 times ``current_limit_point`` (default 3.3325, what the
+  field-proven EVerest driver uses; 1.0 reads 0x0012 as amps, as the protocol notes
+  describe it). The voltage range is not readable over CAN and comes from the
+  options (``max_voltage``/``min_voltage``, from the module's datasheet);
 * discovery (``addresses`` omitted): register 0x0043 read from the group broadcast
   address 0xFE; every module whose answer names our group joins;
 * on/off: register 0x0030, verified through status bit 22 (1 = output off);
 * setpoints: 0x0021 (float V) and 0x001B (A x 1024) to each active module with its
   share of the total current.
+
+Point-to-point identifiers carry 0 in their group bits 2..0 by default (as EVerest
+sends them); ``ptp_group_bits = "group"`` puts the group number there instead.
+Group-broadcast frames always carry the group number.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -51,6 +57,16 @@ class WinlineModules(PowerModuleGroup):
         group: int = Field(0, ge=0, le=wl.MAX_GROUP, description="module group number")
         max_voltage: float = Field(1000.0, gt=0.0, le=1500.0, description="V, datasheet")
         min_voltage: float = Field(150.0, ge=0.0, le=1500.0, description="V, datasheet")
+        current_limit_point: float = Field(
+            3.3325,
+            gt=0.0,
+            le=10.0,
+            description="module current limit = register 0x0012 x this (1.0: 0x0012 in A)",
+        )
+        ptp_group_bits: Literal["zero", "group"] = Field(
+            "zero",
+            description="group bits of point-to-point identifiers: 0, or the group number",
+        )
 
         @model_validator(mode="after")
         def _voltage_range(self) -> WinlineModules.Options:
@@ -61,6 +77,8 @@ class WinlineModules(PowerModuleGroup):
     def __init__(self, name: str, options: WinlineModules.Options, ctx: BuildContext) -> None:
         super().__init__(name, options, ctx)
         self.options = options
+        # the group bits of point-to-point frames (None: 0)
+        self._ptp_group = options.group if options.ptp_group_bits == "group" else None
 
     # ------------------------------------------------------------------ receive
 
@@ -103,7 +121,10 @@ class WinlineModules(PowerModuleGroup):
                 min_voltage=self.options.min_voltage,
             )
         if register == wl.Reg.RATED_CURRENT:
-            return Reading(source, max_current=float(value))
+            # 0x0012 is a float32: round the product so a 40 A module reads 40 A, not 39.99998
+            return Reading(
+                source, max_current=round(float(value) * self.options.current_limit_point, 2)
+            )
         if register == wl.Reg.GROUP_INFO:
             group, _dip = wl.decode_group_info(int(value))
             return Reading(source, group=group)
@@ -113,7 +134,7 @@ class WinlineModules(PowerModuleGroup):
 
     def _read(self, register: int, address: int) -> Frame:
         return wl.read_request(register, self._controller, module=address,
-                               group=self.options.group)
+                               group=self._ptp_group)
 
     def _poll_frames(self, address: int) -> list[Frame]:
         return [
@@ -130,11 +151,11 @@ class WinlineModules(PowerModuleGroup):
         return [wl.read_request(wl.Reg.GROUP_INFO, self._controller, group=self.options.group)]
 
     def _on_frames(self, address: int) -> list[Frame]:
-        return [wl.power_request(True, self._controller, module=address, group=self.options.group)]
+        return [wl.power_request(True, self._controller, module=address, group=self._ptp_group)]
 
     def _off_frames(self, address: int) -> list[Frame]:
         return [
-            wl.power_request(False, self._controller, module=address, group=self.options.group)
+            wl.power_request(False, self._controller, module=address, group=self._ptp_group)
         ]
 
     def _group_off_frames(self) -> list[Frame]:
@@ -147,13 +168,17 @@ class WinlineModules(PowerModuleGroup):
         for address, current in sorted(shares.items()):
             frames.append(
                 wl.set_voltage_request(voltage, self._controller, module=address,
-                                       group=self.options.group)
+                                       group=self._ptp_group)
             )
             frames.append(
                 wl.set_current_request(current, self._controller, module=address,
-                                       group=self.options.group)
+                                       group=self._ptp_group)
             )
         return frames
 
     def _describe_extra(self) -> dict[str, Any]:
-        return {"voltage_range": [self.options.min_voltage, self.options.max_voltage]}
+        return {
+            "voltage_range": [self.options.min_voltage, self.options.max_voltage],
+            "current_limit_point": self.options.current_limit_point,
+            "ptp_group_bits": self.options.ptp_group_bits,
+        }

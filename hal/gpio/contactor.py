@@ -26,9 +26,11 @@ Behaviour, beyond the interface contract:
 * ``open()`` when the lines never came up raises ``mirror_mismatch`` (nothing can
   be confirmed; nothing was ever energised). A failed confirmation sets the weld
   latch, as the contract says.
-* Background watcher (every ``poll_interval_ms`` while a change settles or a
-  disagreement is pending, every ``idle_poll_interval_ms`` otherwise, and on every
-  edge event when the backend has them): outside ``close()``/``open()`` the mirror must agree with the
+* Background watcher: on every edge event of the mirror input (libgpiod edge
+  events; inotify for the simulated lines), every ``poll_interval_ms`` while a
+  change settles or a disagreement is pending, and otherwise every
+  ``edge_backstop_ms`` (a backend with edge events) or ``idle_poll_interval_ms``
+  (one without): outside ``close()``/``open()`` the mirror must agree with the
   coil. After a coil change the mirror is given the matching timeout to follow
   (e.g. after ``release()`` or a failed close). A disagreement that lasts
   ``debounce_ms`` sets ``health`` to ``FAULT``/``mirror_mismatch``.
@@ -72,6 +74,7 @@ from hal.gpio.lines import (
     SimLines,
     atomic_write_text,
 )
+from hal.tick import Wakeup, sleep_to_grid
 from hal.interfaces import (
     ContactorError,
     ContactorPosition,
@@ -143,7 +146,11 @@ class GpioContactor:
         )
         idle_poll_interval_ms: float = Field(
             default=50.0, ge=0.5, le=1_000.0,
-            description="mirror watcher period in steady state (edge events, where the backend has them, are immediate)",
+            description="mirror watcher period in steady state for a backend without edge events",
+        )
+        edge_backstop_ms: float = Field(
+            default=1000.0, ge=10.0, le=10_000.0,
+            description="with edge events: steady-state re-read in case an edge was missed",
         )
 
         @model_validator(mode="after")
@@ -207,6 +214,7 @@ class GpioContactor:
         self._op_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._reader_fd: int | None = None
+        self._edge = Wakeup()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -505,10 +513,12 @@ class GpioContactor:
     def _on_edge(self) -> None:
         self._lines.read_events()
         self._check_mirror()
+        self._edge.set()  # the watcher re-plans: a disagreement now needs fast re-reads
 
     async def _run(self) -> None:
         fast = self.options.poll_interval_ms / 1000.0
         idle = max(self.options.idle_poll_interval_ms / 1000.0, fast)
+        backstop = max(self.options.edge_backstop_ms / 1000.0, fast)
         while True:
             if not self._lines_ok:
                 await asyncio.sleep(REQUEST_RETRY_S)
@@ -516,7 +526,14 @@ class GpioContactor:
                     self._try_request()
                 continue
             settling = self._busy or self._disagree_since is not None or monotonic() < self._settle_until
-            await asyncio.sleep(fast if settling else idle)
+            if settling:
+                await asyncio.sleep(fast)
+            elif self._reader_fd is not None:
+                # steady state with edge events: sleep until an edge (or the backstop)
+                self._edge.clear()
+                await self._edge.wait_for_tick(backstop)
+            else:
+                await sleep_to_grid(idle)
             self._check_mirror()
 
     def _read_mirror(self) -> bool | None:

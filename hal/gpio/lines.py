@@ -26,7 +26,9 @@ Two backends implement :class:`LineBackend`:
     empty input ``value`` means nothing drives the line: it reads the bias level
     (``pull_up`` -> 1, otherwise 0, like gpio-sim's default pull-down). Every write
     replaces the file atomically (temp file + rename), so a reader in another
-    process never sees a half-written value.
+    process never sees a half-written value. Edge events come from inotify on the
+    input line's directory (:mod:`hal.gpio.inotify`), so the driver waits for
+    changes exactly as on a real chip.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+from hal.gpio.inotify import DirectoryWatch
+from hal.sysfs import read_attr
 
 if TYPE_CHECKING:
     from gpiod import LineRequest, LineSettings
@@ -345,6 +350,7 @@ class SimLines:
         self._root = Path(root)
         self._chip = chip
         self._pair: LinePair | None = None
+        self._watch: DirectoryWatch | None = None
 
     @property
     def location(self) -> str:
@@ -363,6 +369,13 @@ class SimLines:
                 f"simulated GPIO chip {chip_dir}: cannot drive line {pair.output_line}: {exc}"
             ) from exc
         self._pair = pair
+        self._close_watch()
+        line_dir = sim_value_path(self._root, self._chip, pair.input_line).parent
+        try:
+            line_dir.mkdir(parents=True, exist_ok=True)  # gpio-sim has a directory per line
+            self._watch = DirectoryWatch(line_dir)
+        except OSError:
+            self._watch = None  # no inotify: the driver polls, as for a backend without edges
 
     def _require(self) -> LinePair:
         if self._pair is None:
@@ -384,7 +397,7 @@ class SimLines:
         pair = self._require()
         path = sim_value_path(self._root, self._chip, pair.input_line)
         try:
-            text = path.read_text(encoding="ascii").strip()
+            text = read_attr(path)
         except FileNotFoundError:
             text = ""
         except OSError as exc:
@@ -402,13 +415,19 @@ class SimLines:
         return level != pair.input_active_low
 
     def event_fd(self) -> int | None:
-        return None
+        return self._watch.fd if self._watch is not None and self._pair is not None else None
 
     def read_events(self) -> int:
-        return 0
+        return 1 if self._watch is not None and self._watch.drain() else 0
+
+    def _close_watch(self) -> None:
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.close()
 
     def release(self) -> None:
         pair, self._pair = self._pair, None
+        self._close_watch()
         if pair is None:
             return
         with contextlib.suppress(Exception):  # release must never raise

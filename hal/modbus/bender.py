@@ -12,7 +12,18 @@ Measurement channels are 4 holding registers each (FC 03):
 
 Channel 1000 is the insulation resistance R_F (ohm), channel 1008 the system
 voltage U_n (DC+ to DC-, V). Self test: write 0x5445 ("TE") to register 8005 with
-FC 16.
+FC 16. Device enable: register 3026 (1 measuring, 0 stopped).
+
+Where the field-proven EVerest driver and the register documents differ, the
+EVerest behaviour is the default and the other is an option:
+
+* ``device_enable = true``: 3026 is written to 1 (FC 16) before the first reading,
+  so a device left disabled measures again; retried every poll until the device
+  confirmed it; a device that answers with a Modbus exception (no such register)
+  is logged once and read anyway. ``false`` leaves the register alone.
+* ``alarm_code_2_in_test = "reserved"``: alarm type 2 while the test bits are set is
+  not a device error (EVerest treats it as reserved there); after the test it is.
+  ``"device_error"`` reads it as a device error during the test too.
 
 Contract (on top of :class:`hal.interfaces.InsulationMonitor` and
 :class:`hal.modbus.poller.PolledDevice`):
@@ -70,6 +81,8 @@ CHANNEL_REGISTERS = 4
 #: Register to write the self-test command to, and the command ("TE").
 SELF_TEST_REGISTER = 8005
 SELF_TEST_COMMAND = 0x5445
+#: Device enable register: 1 = measuring, 0 = measurement stopped.
+DEVICE_ENABLE_REGISTER = 3026
 
 UNIT_OHM = 2
 UNIT_VOLT = 4
@@ -106,9 +119,11 @@ class BenderChannel:
         return self.alarm is IsolationAlarm.DEVICE_ERROR
 
 
-def decode_channel(registers: Sequence[int]) -> BenderChannel:
+def decode_channel(registers: Sequence[int], *, code_2_in_test_reserved: bool = True) -> BenderChannel:
     """Decode one channel. Raises :class:`DeviceDataError` for a reserved alarm code,
-    a wrong register count or a non-finite value."""
+    a wrong register count or a non-finite value. With ``code_2_in_test_reserved``
+    alarm type 2 while a test runs reads as no alarm (reserved there), not a device
+    error."""
     if len(registers) != CHANNEL_REGISTERS:
         raise DeviceDataError(f"channel needs {CHANNEL_REGISTERS} registers, got {len(registers)}")
     (value,) = decode_float32(registers[0:2])
@@ -117,12 +132,15 @@ def decode_channel(registers: Sequence[int]) -> BenderChannel:
     alarm_code = att & 0x07
     if alarm_code not in ALARM_CODES:
         raise DeviceDataError(f"reserved alarm type {alarm_code}")
+    test = TEST_TYPES[(att >> 6) & 0x03]
+    if alarm_code == 2 and test != "none" and code_2_in_test_reserved:
+        alarm_code = 0
     if not math.isfinite(value):
         raise DeviceDataError("non-finite channel value")
     return BenderChannel(
         value=value,
         alarm=ALARM_CODES[alarm_code],
-        test=TEST_TYPES[(att >> 6) & 0x03],
+        test=test,
         unit_code=ru & 0x1F,
         validity=VALIDITY[(ru >> 6) & 0x03],
         description=registers[3],
@@ -145,6 +163,12 @@ class BenderIsoCha425(PolledDevice[IsolationReading]):
         )
         self_test_read_interval_s: float = Field(
             0.2, ge=0.05, le=5.0, description="status read period while a self test runs"
+        )
+        device_enable: bool = Field(
+            True, description="write device enable (register 3026) = 1 before the first reading"
+        )
+        alarm_code_2_in_test: Literal["reserved", "device_error"] = Field(
+            "reserved", description="alarm type 2 while a self test runs"
         )
         warning_kohm: float = Field(500.0, gt=0.0, description="below: DEGRADED/isolation_warning")
         alarm_kohm: float = Field(100.0, gt=0.0, description="below: FAULT/isolation_low")
@@ -169,13 +193,30 @@ class BenderIsoCha425(PolledDevice[IsolationReading]):
         self._self_test_lock = asyncio.Lock()
         self._last_rf: BenderChannel | None = None
         self._last_self_test: SelfTestResult | None = None
+        self._enable_pending = options.device_enable
+        self._code_2_reserved = options.alarm_code_2_in_test == "reserved"
 
     async def _read_channel(self, start: int) -> BenderChannel:
         return decode_channel(
-            await self._link.read_holding(start, CHANNEL_REGISTERS, self._unit_id)
+            await self._link.read_holding(start, CHANNEL_REGISTERS, self._unit_id),
+            code_2_in_test_reserved=self._code_2_reserved,
         )
 
+    async def _enable_device(self) -> None:
+        """Write device enable = 1; a comm failure propagates (the poll fails, retried)."""
+        try:
+            await self._link.write_registers(DEVICE_ENABLE_REGISTER, [1], self._unit_id)
+        except ModbusLinkError as exc:
+            if exc.reason != "exception_response":
+                raise
+            self._log.warning("imd.device_enable_refused", exception_code=exc.exception_code)
+        else:
+            self._log.info("imd.device_enabled", register=DEVICE_ENABLE_REGISTER)
+        self._enable_pending = False
+
     async def _poll(self) -> IsolationReading:
+        if self._enable_pending:
+            await self._enable_device()
         rf = await self._read_channel(CHANNEL_RF)
         voltage: float | None = None
         if not rf.testing:

@@ -11,8 +11,9 @@ Contract of :class:`PolledDevice`:
   poll has been *attempted*, waiting at most ``link timeout_s + 1 s`` (the poll
   keeps running in the background if it takes longer). ``stop()`` cancels the
   task, releases the link and forgets every value. Both are idempotent.
-* The task polls every ``poll_interval_s`` on a fixed schedule; a poll that
-  overruns its slot delays the next one (no burst of catch-up polls).
+* The task polls every ``poll_interval_s`` on the shared tick grid
+  (:mod:`hal.tick`); a poll that overruns its slot delays the next one to the
+  following slot (no burst of catch-up polls).
 * A poll that raises :class:`~hal.modbus.link.ModbusLinkError` is a comm failure;
   one that raises :class:`DeviceDataError` is garbage (counted, discarded, the
   published value is left untouched); any other exception is logged with its
@@ -46,6 +47,7 @@ from hal.config import StrictModel
 from hal.interfaces import Health, HealthState, MeterReading, monotonic
 from hal.modbus.link import ModbusLink, ModbusLinkError
 from hal.tasks import stop_task
+from hal.tick import sleep_to_grid
 
 if TYPE_CHECKING:
     from hal.context import BuildContext
@@ -268,16 +270,12 @@ class PolledDevice(ABC, Generic[R]):
     # -- the poll task -----------------------------------------------------
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        next_at = loop.time()
         while not self._stopping:
             await self._poll_guarded()
             if self._first_attempt is not None:
                 self._first_attempt.set()
-            next_at += self._poll_interval_s
-            now = loop.time()
-            next_at = max(next_at, now)
-            await asyncio.sleep(next_at - now)
+            # the next slot of the shared tick grid: an overrun skips slots, never bursts
+            await sleep_to_grid(self._poll_interval_s)
 
     async def _poll_guarded(self) -> None:
         self._counters["polls"] += 1

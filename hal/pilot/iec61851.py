@@ -8,7 +8,11 @@ Implements :class:`hal.interfaces.Vehicle` for one connector.
     CP volts      = mV / 1000 x divider_ratio + offset_v          (board front end)
 
 The front end must present the *high* level of the PWM to the ADC (peak hold or
-sampling synchronised to the PWM high phase). Every ``poll_interval_s`` one sample
+sampling synchronised to the PWM high phase). Every ``poll_interval_s`` while a PWM
+duty offers charging (every ``idle_poll_interval_s`` while the PWM is at 100 % or 0 %:
+no current can flow then) (on the
+shared tick grid, read inline: a few bytes of sysfs; the scale file every
+``scale_reread_s``) one sample
 is classified into a window of +/- ``window_v`` around the nominal levels
 12/9/6/3/0/-12 V (A/B/C/D/E/F); a value in no window classifies as UNKNOWN. A new
 classification is published after ``debounce_samples`` equal samples in a row.
@@ -37,7 +41,8 @@ least every ``hlc_stale_after_s / 2`` seconds::
      "discharge_refusal": null, "vin": "WVWZZZ..."}
 
 Every key is optional (``null``/absent = unknown); unknown keys are ignored.
-Freshness is judged by the file changing (inode/mtime/size), measured on the
+Freshness is judged by the file changing (inode/mtime/size), checked every
+``hlc_check_interval_s`` with the next pilot sample and measured on the
 monotonic clock; a file first seen already older than ``hlc_stale_after_s``
 (wall-clock mtime) is stale. A document that does not parse is counted and
 ignored (it neither updates the values nor refreshes them). The values are
@@ -65,6 +70,8 @@ from hal.config import StrictModel
 from hal.context import BuildContext
 from hal.interfaces import Health, HealthState, PilotState, VehicleStatus, monotonic
 from hal.tasks import stop_task
+from hal.sysfs import read_attr
+from hal.tick import sleep_to_grid
 
 log = structlog.get_logger(__name__)
 
@@ -122,6 +129,13 @@ class Iec61851Vehicle:
 
     class Options(StrictModel):
         poll_interval_s: float = Field(default=0.05, gt=0.0, le=1.0)
+        idle_poll_interval_s: float = Field(
+            default=0.2, gt=0.0, le=1.0,
+            description=(
+                "sample period while no charging is offered (PWM at 100 % or 0 %): the EV "
+                "cannot draw current then, so only plug-in detection waits on it"
+            ),
+        )
         adc_raw_path: str = Field(..., min_length=1, description="IIO in_voltageN_raw")
         adc_scale_path: str = Field(
             ..., min_length=1, description="IIO in_voltageN_scale (mV per LSB)"
@@ -145,6 +159,14 @@ class Iec61851Vehicle:
             default=None, description="JSON document kept by the HLC stack"
         )
         hlc_stale_after_s: float = Field(default=2.0, gt=0.0, le=600.0)
+        hlc_check_interval_s: float = Field(
+            default=0.5, gt=0.0, le=60.0,
+            description="how often the HLC file is checked for a change (with the next pilot sample)",
+        )
+        scale_reread_s: float = Field(
+            default=1.0, ge=0.0, le=60.0,
+            description="re-read in_voltageN_scale this often (it only changes with the ADC range); 0: every sample",
+        )
 
         @model_validator(mode="after")
         def _consistent(self) -> Iec61851Vehicle.Options:
@@ -183,6 +205,9 @@ class Iec61851Vehicle:
         # hlc
         self._hlc_doc: HlcDocument | None = None
         self._hlc_key: tuple[int, int, int] | None = None
+        self._hlc_checked_at = -math.inf
+        self._scale_text: str | None = None
+        self._scale_read_at = -math.inf
         self._hlc_fresh_at: float | None = None
         self._hlc_bad = 0
         self._hlc_was_stale: bool | None = None
@@ -223,6 +248,8 @@ class Iec61851Vehicle:
             raise ValueError(f"PWM duty must be 0..100 %, got {percent}")
         previous = self._duty
         self._duty = float(percent)
+        if self._duty == previous and self._pwm_ready and self._pwm_error is None:
+            return  # already on the wire: the control loop re-asserts its duty every tick
         await self._apply_pwm()
         if self._duty != previous and self._pwm_error is None:
             self._log.info("pilot_pwm_set", pwm_duty_percent=self._duty, previous=previous)
@@ -298,9 +325,15 @@ class Iec61851Vehicle:
 
     # ------------------------------------------------------------------ sampling
 
+    def sample_period(self) -> float:
+        """``poll_interval_s`` while a PWM duty offers charging, else ``idle_poll_interval_s``."""
+        if self._duty in (0.0, 100.0):
+            return max(self.options.idle_poll_interval_s, self.options.poll_interval_s)
+        return self.options.poll_interval_s
+
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self.options.poll_interval_s)
+            await sleep_to_grid(self.sample_period())
             try:
                 await self.sample_now()
                 if not self._pwm_ready and monotonic() >= self._pwm_retry_at:
@@ -314,7 +347,8 @@ class Iec61851Vehicle:
         ``start()`` uses it for the first sample; ``probe`` and tests can use it to
         step the debounce deterministically.
         """
-        sample, hlc = await asyncio.to_thread(self._read_inputs)
+        # a few bytes from sysfs (and a stat of the HLC file): inline, no thread hop
+        sample, hlc = self._read_inputs()
         now = monotonic()
         self._on_sample(sample, now)
         if hlc is not None:
@@ -323,15 +357,26 @@ class Iec61851Vehicle:
     def _read_inputs(
         self,
     ) -> tuple[_Sample, tuple[tuple[int, int, int] | None, float, str | None] | None]:
-        """Worker thread: one ADC sample, and the HLC file if it changed."""
-        return self._read_adc(), (self._read_hlc() if self.options.hlc == "file" else None)
+        """One ADC sample, and (every ``hlc_check_interval_s``) the HLC file if it changed."""
+        hlc = None
+        if self.options.hlc == "file":
+            now = monotonic()
+            if now - self._hlc_checked_at >= self.options.hlc_check_interval_s:
+                self._hlc_checked_at = now
+                hlc = self._read_hlc()
+        return self._read_adc(), hlc
 
     def _read_adc(self) -> _Sample:
         o = self.options
         try:
-            raw_text = Path(o.adc_raw_path).read_text(encoding="ascii").strip()
-            scale_text = Path(o.adc_scale_path).read_text(encoding="ascii").strip()
+            raw_text = read_attr(o.adc_raw_path)
+            now = monotonic()
+            if self._scale_text is None or now - self._scale_read_at >= o.scale_reread_s:
+                self._scale_text = read_attr(o.adc_scale_path)
+                self._scale_read_at = now
+            scale_text = self._scale_text
         except OSError as exc:
+            self._scale_text = None
             return _Sample(None, f"cannot read ADC: {exc}")
         try:
             raw = int(raw_text)
@@ -421,7 +466,7 @@ class Iec61851Vehicle:
     # ------------------------------------------------------------------ hlc
 
     def _read_hlc(self) -> tuple[tuple[int, int, int] | None, float, str | None]:
-        """Worker thread: (file identity, wall-clock age, content if it changed)."""
+        """(file identity, wall-clock age, content if it changed)."""
         assert self.options.hlc_path is not None
         try:
             st = os.stat(self.options.hlc_path)

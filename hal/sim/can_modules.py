@@ -22,6 +22,20 @@ Nothing here moves a value in time: ramps and the modules' 10 s watchdog belong 
   random length below 8. Each corruption is one a correct decoder detects, so a
   garbage module never delivers a value that looks valid.
 
+Protocol details that the documents leave open are parameters, set to what the
+driver's options say so both ends agree, and enforced strictly:
+
+* Winline point-to-point group bits (``winline_ptp_group_bits``): ``"zero"`` (the
+  default, as EVerest sends them) makes a module ignore a point-to-point frame whose
+  group bits are not 0; ``"group"`` ignores one whose bits are not its group.
+* Winline register 0x0012 (``winline_current_limit_point``): answered as the module's
+  real current limit divided by the current-limit point the controller multiplies
+  it with.
+* InfyPower: a module whose ``reply_error`` is set (2, 3 or 7) answers every request
+  with that error code in the identifier and eight zero bytes; it still obeys.
+  Its after-diode voltage (0x0C) is the output voltage; the module-side reading
+  (0x03/0x09) is :data:`DIODE_DROP_V` higher while the module is on.
+
 AC input voltages are fixed (the world model has no grid voltage): 400 V line to
 line for InfyPower 0x06, 400 V / sqrt(3) per phase for Winline 0x000C..0x000E.
 Requests the real modules would answer but this simulator does not model (InfyPower
@@ -49,6 +63,8 @@ from hal.sim.world import SimModule, SimWorld
 log = structlog.get_logger(__name__)
 
 NOMINAL_AC_VOLTAGE = 400.0
+#: Forward drop of an InfyPower module's output diode while it delivers (V).
+DIODE_DROP_V = 0.8
 _CONTROLLER_ADDRESSES = range(0xF0, 0xF9)
 _NAN8 = struct.pack(">ff", math.nan, math.nan)
 
@@ -68,11 +84,15 @@ class CanModuleSimulator:
         world: SimWorld,
         *,
         seed: int = 0,
+        winline_ptp_group_bits: Literal["zero", "group"] = "zero",
+        winline_current_limit_point: float = 3.3325,
     ) -> None:
         if protocol not in ("infypower", "winline"):
             raise ValueError(f"unknown protocol {protocol!r}")
         self.bus_config = bus_config
         self.protocol = protocol
+        self.winline_ptp_group_bits = winline_ptp_group_bits
+        self.winline_current_limit_point = winline_current_limit_point
         self.world = world
         if isinstance(modules, Mapping):
             self.modules: dict[int, SimModule] = dict(modules)
@@ -91,9 +111,7 @@ class CanModuleSimulator:
         if self._bus is not None:
             return
         cfg = self.bus_config
-        self._bus = await asyncio.to_thread(
-            lambda: can.Bus(interface=cfg.interface, channel=cfg.channel)
-        )
+        self._bus = await asyncio.to_thread(lambda: can.Bus(**cfg.bus_kwargs()))
         self._notifier = can.Notifier(
             self._bus, [self._on_message], timeout=0.1, loop=asyncio.get_running_loop()
         )
@@ -178,6 +196,9 @@ class CanModuleSimulator:
             return []
         if single:
             m = answering[0]
+            if m.reply_error:
+                return [(infy.response_id(command, m.address, controller, error=m.reply_error),
+                         bytes(8))]
             payload = self._infy_module_answer(command, m, data)
             if payload is None:
                 return []
@@ -194,10 +215,11 @@ class CanModuleSimulator:
 
     @staticmethod
     def _infy_module_answer(command: int, m: SimModule, request: bytes) -> bytes | None:
+        inner = m.output_voltage + (DIODE_DROP_V if m.on and m.output_voltage > 0 else 0.0)
         if command == infy.Cmd.READ_MODULE_VI_FLOAT:
-            return infy.encode_vi_float(m.output_voltage, m.output_current)
+            return infy.encode_vi_float(inner, m.output_current)
         if command == infy.Cmd.READ_MODULE_VI_INT:
-            return infy.encode_vi_int(m.output_voltage, m.output_current)
+            return infy.encode_vi_int(inner, m.output_current)
         if command == infy.Cmd.READ_STATUS:
             flags = set()
             if not m.on:
@@ -266,7 +288,10 @@ class CanModuleSimulator:
         controller = ident.source
         if ident.ptp:
             module = self.modules.get(ident.destination)
-            targets = [module] if module is not None else []
+            want = 0 if self.winline_ptp_group_bits == "zero" or module is None else module.group & 0x7
+            if module is None or ident.group != want:
+                return []  # not for this module (wrong group bits are ignored, not obeyed)
+            targets = [module]
         elif ident.destination == wl.BROADCAST:
             targets = list(self.modules.values())
         elif ident.destination == wl.GROUP_BROADCAST:
@@ -284,6 +309,8 @@ class CanModuleSimulator:
             value: float | int | None
             if request.function == wl.FUNC_SET:
                 value = self._winline_set(m, request)
+            elif register == wl.Reg.RATED_CURRENT:
+                value = m.max_current / self.winline_current_limit_point
             else:
                 value = self._winline_read(m, register)
             if value is None or m.silent:

@@ -306,7 +306,11 @@ class BenderSimulator(DeviceSimulator):
     +/- half of it. Injections on the simulator: ``silent``, ``device_error``,
     ``fail_self_test`` (the test ends with a device error), ``stuck_self_test``
     (the test never ends). A self test lasts ``self_test_duration_s``; while it
-    runs the AT&T test bits read "external test". When a ``world`` is given,
+    runs the AT&T test bits read "external test" and, with ``code_2_during_test``
+    (the default, as field devices are reported to do), the alarm type reads 2.
+    Register 3026 is device enable: writes of 0 or 1 are accepted (anything else
+    is an illegal data value); while it is 0 (``device_enabled`` False) every
+    channel's validity reads "invalid". When a ``world`` is given,
     ``connector.imd_self_test_until`` is set to the world time the test will end
     (and cleared afterwards) so the physics can see it.
     """
@@ -323,8 +327,13 @@ class BenderSimulator(DeviceSimulator):
         self_test_duration_s: float = 1.0,
         r1_kohm: float = 500.0,
         r2_kohm: float = 100.0,
+        device_enabled: bool = True,
+        code_2_during_test: bool = True,
     ) -> None:
         self.world = world
+        self.device_enabled = device_enabled
+        self.code_2_during_test = code_2_during_test
+        self.enable_writes: list[int] = []
         self.self_test_duration_s = self_test_duration_s
         self.r1_kohm = r1_kohm
         self.r2_kohm = r2_kohm
@@ -341,9 +350,16 @@ class BenderSimulator(DeviceSimulator):
         return self._test_until is not None
 
     def _layout(self) -> dict[str, list[tuple[int, int, bool]]]:
-        return {"h": [(1000, 32, True), (8005, 1, False)], "i": []}
+        return {"h": [(1000, 32, True), (3026, 1, False), (8005, 1, False)], "i": []}
 
     def _on_write(self, address: int, values: Sequence[int], now: float) -> ExcCodes | None:
+        if address == 3026 and len(values) == 1:
+            if values[0] not in (0, 1):
+                return ExcCodes.ILLEGAL_VALUE
+            self.enable_writes.append(values[0])
+            self.device_enabled = values[0] == 1
+            self.refresh(now)
+            return None
         if address != 8005 or len(values) != 1:
             return ExcCodes.ILLEGAL_ADDRESS
         if values[0] != 0x5445:
@@ -376,6 +392,8 @@ class BenderSimulator(DeviceSimulator):
             alarm = 4
         else:
             alarm = 0
+        if testing and self.code_2_during_test:
+            alarm = 2
         att = alarm | (self.TEST_EXTERNAL if testing else 0)
         u = max(c.meter.voltage, 0.0)
         # (value, unit code, description code) per 4-register channel from 1000;
@@ -393,7 +411,7 @@ class BenderSimulator(DeviceSimulator):
         regs: dict[int, int] = {}
         for n, channel in enumerate(channels):
             base = 1000 + 4 * n
-            if channel is None:
+            if channel is None or not self.device_enabled:
                 value, ru, description, ch_att = 0.0, (0b11 << 6) | 1, 0, 0
             else:
                 value, ru, description = channel
@@ -405,6 +423,7 @@ class BenderSimulator(DeviceSimulator):
             regs[base + 1] = lo
             regs[base + 2] = (ch_att << 8) | ru
             regs[base + 3] = description
+        regs[3026] = int(self.device_enabled)
         regs[8005] = 0
         return {"h": regs, "i": {}}
 

@@ -55,6 +55,7 @@ class SimModule:
     # fault injections
     silent: bool = False
     garbage: bool = False
+    reply_error: int = 0  # InfyPower: error code every answer's identifier carries (0: none)
 
 
 @dataclass

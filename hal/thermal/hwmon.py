@@ -51,6 +51,8 @@ from hal.config import StrictModel
 from hal.context import BuildContext
 from hal.interfaces import FanStatus, Health, HealthState, TemperatureReading, monotonic
 from hal.tasks import stop_task
+from hal.sysfs import read_attr
+from hal.tick import sleep_to_grid
 
 log = structlog.get_logger(__name__)
 
@@ -89,7 +91,7 @@ class FanOptions(StrictModel):
 
 
 def _read_number(path: str) -> float:
-    text = Path(path).read_text(encoding="ascii").strip()
+    text = read_attr(path)
     return float(int(text)) if text.lstrip("-").isdigit() else float(text)
 
 
@@ -258,14 +260,14 @@ class HwmonThermal:
 
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self.options.poll_interval_s)
+            await sleep_to_grid(self.options.poll_interval_s)
             try:
                 await self._poll_once()
             except Exception as exc:  # noqa: BLE001 - keep polling whatever happens
                 self._log.exception("thermal_poll_failed", error=str(exc))
 
     async def _poll_once(self) -> None:
-        temps, fans = await asyncio.to_thread(self._read_all)
+        temps, fans = self._read_all()  # small sysfs attributes: inline, no thread hop
         now = monotonic()
         self._polls += 1
         for name, value in temps.items():
@@ -276,7 +278,7 @@ class HwmonThermal:
     def _read_all(
         self,
     ) -> tuple[dict[str, float | str], dict[str, tuple[float | str, float | str]]]:
-        """Worker thread: read every file; a string result is the reason a read failed."""
+        """Read every file; a string result is the reason a read failed."""
         temps: dict[str, float | str] = {}
         for s in self.options.sensors:
             temps[s.name] = self._read_celsius(s.path)

@@ -40,6 +40,7 @@ from agent.maintenance.archive.schema import (
 )
 from agent.store.engine import StoreError
 from hal.tasks import stop_task
+from hal.tick import sleep_to_grid
 
 log = structlog.get_logger(__name__)
 
@@ -144,7 +145,7 @@ class SessionArchive:
 
     async def _flush_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.config.flush_interval_s)
+            await sleep_to_grid(self.config.flush_interval_s)
             await self.flush()
 
     # -- writing --------------------------------------------------------------------

@@ -457,3 +457,21 @@ def test_watch_json_lines_until_ctrl_c(tmp_path: Path) -> None:
     for line in lines:
         doc = json.loads(line)
         assert doc["running"] is True and doc["connectors"][0]["id"] == 1
+
+
+def test_snapshot_goes_to_the_runtime_directory(tmp_path: Path) -> None:
+    from agent.service.status import find_status
+
+    state, run = tmp_path / "state", tmp_path / "run"
+    # a shell or test run: the state directory; under systemd: $RUNTIME_DIRECTORY; config wins
+    assert status_path(state, env={}) == state / "status.json"
+    assert status_path(state, env={"RUNTIME_DIRECTORY": f"{run}:/other"}) == run / "status.json"
+    assert status_path(state, runtime_dir=tmp_path / "cfg", env={"RUNTIME_DIRECTORY": str(run)}) == tmp_path / "cfg" / "status.json"
+    # the reader takes the freshest snapshot it can find
+    state.mkdir()
+    run.mkdir()
+    write_json_atomic(state / "status.json", {"old": True})
+    os.utime(state / "status.json", (1, 1))
+    write_json_atomic(run / "status.json", sample_status(time.time()))
+    assert find_status(state, runtime_dir=run) == run / "status.json"
+    assert find_status(state) == state / "status.json"

@@ -286,3 +286,27 @@ def test_decoders_raise_only_frame_error(data: bytes, which: object) -> None:
     if len(data) != 8:
         with pytest.raises(FrameError):
             which(data)  # type: ignore[operator]
+
+
+def test_after_diode_voltage_request_and_answer() -> None:
+    # 0x0C to module 0: after-diode (external) voltage 0.1 V, available current 0.1 A
+    assert infy.read_request(infy.Cmd.READ_AVAILABLE, 0xF0, module=0) == (0x028C00F0, bytes(8))
+    assert infy.decode_available(bytes.fromhex("1388 00FA 00000000")) == (500.0, 25.0)
+    assert infy.encode_available(500.0, 25.0) == bytes.fromhex("138800FA00000000")
+
+
+@pytest.mark.parametrize(
+    ("error", "flags"),
+    [(0, set()), (2, {"command_invalid"}), (3, {"data_invalid"}), (7, {"start_processing"}),
+     (5, {"reply_error"})],
+)
+def test_error_code_in_the_reply_identifier_names_a_condition(error: int, flags: set[str]) -> None:
+    # module 0 answering 0x03 with error 7 in bits 28..26: 0x1E83F000
+    ident = infy.response_id(infy.Cmd.READ_MODULE_VI_FLOAT, 0, 0xF0, error=error)
+    assert ident == (error << 26) | 0x0283F000
+    assert infy.parse_id(ident).error == error
+    assert infy.condition_flags(infy.parse_id(ident).error) == flags
+
+
+def test_reply_with_start_processing_code_has_the_documented_id() -> None:
+    assert infy.response_id(infy.Cmd.READ_MODULE_VI_FLOAT, 0, 0xF0, error=7) == 0x1E83F000

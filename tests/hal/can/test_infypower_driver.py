@@ -144,7 +144,8 @@ async def test_reads_values_status_and_ratings(
     drv = rig.driver(InfyPowerModules, group=1, measurement=measurement)
     await drv.start()
     await wait_until(lambda: drv.measured_current() == pytest.approx(60.0)
-                     and all(s.temperature is not None for s in drv.modules()))
+                     and all(s.temperature is not None and s.voltage is not None
+                             for s in drv.modules()))
     assert drv.measured_voltage() == pytest.approx(501.0)
     statuses = drv.modules()
     assert [s.temperature for s in statuses] == [30.0, 31.0, -3.0]

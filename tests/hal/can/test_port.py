@@ -7,11 +7,12 @@ import itertools
 
 import can
 import pytest
+from pydantic import ValidationError
 from can_helpers import FlakyBus, Recorder, WaitUntil
 
 from hal.can import port as port_module
 from hal.can.port import CanPort, CanPortError
-from hal.config import CanBusConfig
+from hal.config import NO_BITRATE_INTERFACES, CanBusConfig
 from hal.interfaces import Health, HealthState
 
 
@@ -40,9 +41,15 @@ async def test_open_failure_names_the_channel() -> None:
     with pytest.raises(CanPortError, match="nosuchcan7"):
         await port.open()
     assert not port.is_open
-    unknown = CanPort("other", CanBusConfig(interface="no-such-interface", channel="x0"))
-    with pytest.raises(CanPortError, match="no-such-interface channel 'x0'"):
-        await unknown.open()
+    # an unknown interface never gets this far: the config rejects it
+    with pytest.raises(ValidationError, match="python-can interface name"):
+        CanBusConfig(interface="no-such-interface", channel="x0")
+    bypassed = CanBusConfig.model_construct(
+        interface="no-such-interface", channel="x0", bitrate=125_000, tx_spacing_ms=5.0,
+        controller_address=0xF0, options={"port": 1},
+    )
+    with pytest.raises(CanPortError, match="no-such-interface channel 'x0' with options"):
+        await CanPort("other", bypassed).open()
 
 
 async def test_bitrate_passed_only_where_meaningful(channel: str, flaky: type[FlakyBus]) -> None:
@@ -52,7 +59,7 @@ async def test_bitrate_passed_only_where_meaningful(channel: str, flaky: type[Fl
         assert flaky.instances[0].bitrate == 250_000
     finally:
         await port.close()
-    assert "virtual" in port_module._NO_BITRATE and "socketcan" in port_module._NO_BITRATE
+    assert "virtual" in NO_BITRATE_INTERFACES and "socketcan" in NO_BITRATE_INTERFACES
 
 
 async def test_subscribers_get_every_data_frame(

@@ -190,3 +190,19 @@ def test_decode_response_raises_only_frame_error(data: bytes) -> None:
     if len(data) != 8 or (len(data) > 1 and data[1] != wl.STATUS_OK):
         with pytest.raises(FrameError):
             wl.decode_response(data)
+
+
+def test_point_to_point_group_bits() -> None:
+    # module 3 from 0xF0: group bits 0 (EVerest's form) or the group number
+    assert wl.read_request(wl.Reg.OUTPUT_VOLTAGE, 0xF0, module=3)[0] == 0x06081F80
+    assert wl.read_request(wl.Reg.OUTPUT_VOLTAGE, 0xF0, module=3, group=5)[0] == 0x06081F85
+    assert wl.parse_id(0x06081F85).group == 5
+
+
+def test_rated_current_register_and_limit_point() -> None:
+    request = wl.read_request(wl.Reg.RATED_CURRENT, 0xF0, module=3)
+    assert request == (0x06081F80, bytes.fromhex("1000001200000000"))
+    # a module answering 12.0 (float) for 0x0012 can give 12.0 x 3.3325 = 39.99 A
+    answer = wl.decode_response(bytes.fromhex("41F0001241400000"))
+    assert (answer.register, answer.value) == (wl.Reg.RATED_CURRENT, 12.0)
+    assert round(float(answer.value) * 3.3325, 2) == 39.99

@@ -60,7 +60,8 @@ async def test_start_commands_every_module_off_first(
     assert [(wl.parse_id(m.arbitration_id).destination, bytes(m.data)) for m in first] == [
         (3, OFF), (4, OFF), (5, OFF)
     ]
-    assert first[0].arbitration_id == wl.build_id(destination=3, source=0xF0, group=1)
+    # point-to-point identifiers carry 0 in the group bits (EVerest's form), by default
+    assert first[0].arbitration_id == wl.build_id(destination=3, source=0xF0, group=0)
     await wait_until(lambda: not any(m.on for m in rig.modules.values()))
 
 

@@ -427,3 +427,26 @@ async def test_broken_mirror_wire_never_reads_open_with_default_wiring(tmp_path:
         assert driver.status().coil_energised is False
     finally:
         await driver.stop()
+
+
+async def test_idle_watcher_waits_for_edges_not_a_poll(rig: Rig) -> None:
+    # the backstop and the idle poll are far longer than the test: only an edge can tell
+    c = rig.contactor(edge_backstop_ms=10_000.0, idle_poll_interval_ms=1000.0)
+    await c.start()
+    await wait_until(lambda: c.health().ok)
+    await asyncio.sleep(0.2)  # past the start-up settle window: steady state
+    reads = 0
+    original = c._lines.get_input
+
+    def counting() -> bool:
+        nonlocal reads
+        reads += 1
+        return original()
+
+    c._lines.get_input = counting  # type: ignore[method-assign]
+    await asyncio.sleep(0.3)
+    assert reads == 0  # nothing polled the mirror while nothing happened
+    rig.mech.weld = True
+    rig.mech.closed = True  # the simulator rewrites the mirror file: an inotify edge
+    await wait_until(lambda: c.health().code == "mirror_mismatch", timeout=1.0)
+    assert reads > 0

@@ -308,10 +308,28 @@ def test_sim_lines_output_and_garbage_input(tmp_path: Path) -> None:
     lines.set_output(True)
     assert out.read_text().strip() == "1"
     mirror = sim_value_path(tmp_path, "chip", 6)
-    mirror.parent.mkdir(parents=True)
+    mirror.parent.mkdir(parents=True, exist_ok=True)  # request() created the line's directory
     mirror.write_text("maybe")
     with pytest.raises(LineError):
         lines.get_input()
     lines.release()
     assert out.read_text().strip() == "0"
     assert lines.event_fd() is None and lines.read_events() == 0
+
+
+def test_sim_lines_offer_edge_events_through_inotify(tmp_path: Path) -> None:
+    import select
+
+    from hal.gpio.lines import atomic_write_text
+
+    (tmp_path / "chip").mkdir()
+    lines = SimLines(tmp_path, "chip")
+    lines.request(PAIR)
+    fd = lines.event_fd()
+    assert fd is not None
+    assert select.select([fd], [], [], 0)[0] == [] and lines.read_events() == 0
+    atomic_write_text(sim_value_path(tmp_path, "chip", 6), "0\n")  # as the simulator writes it
+    assert select.select([fd], [], [], 1.0)[0] == [fd]
+    assert lines.read_events() == 1 and lines.read_events() == 0
+    lines.release()
+    assert lines.event_fd() is None

@@ -212,3 +212,68 @@ def test_threshold_options_are_validated() -> None:
         BenderIsoCha425.Options(link="bus", warning_kohm=100.0, alarm_kohm=100.0)
     opts = BenderIsoCha425.Options(link="bus")
     assert (opts.unit_id, opts.self_test_timeout_s, opts.poll_interval_s) == (3, 30.0, 1.0)
+
+
+async def test_device_enable_written_at_start_up(
+    world: SimWorld, serve: ServeFn, contexts: CtxFn, eventually: Eventually
+) -> None:
+    # a device left disabled (3026 = 0) reads "invalid" until the driver enables it
+    sim = BenderSimulator(world.connector(2), device_enabled=False)
+    server = await serve([sim])
+    dev = imd(contexts(server))
+    await dev.start()
+    try:
+        await eventually(lambda: (r := dev.reading()) is not None and r.resistance_kohm is not None, timeout=2.0)
+        assert sim.enable_writes == [1] and sim.device_enabled
+        assert dev.reading().resistance_kohm == pytest.approx(5000.0)  # type: ignore[union-attr]
+    finally:
+        await dev.stop()
+
+
+async def test_device_enable_can_be_left_alone(
+    world: SimWorld, serve: ServeFn, contexts: CtxFn, eventually: Eventually
+) -> None:
+    sim = BenderSimulator(world.connector(2), device_enabled=False)
+    server = await serve([sim])
+    dev = imd(contexts(server), device_enable=False)
+    await dev.start()
+    try:
+        await eventually(lambda: dev.reading() is not None, timeout=2.0)
+        await asyncio.sleep(0.5)
+        assert sim.enable_writes == []
+        assert dev.reading().resistance_kohm is None  # type: ignore[union-attr]
+    finally:
+        await dev.stop()
+
+
+@pytest.mark.parametrize("mode", ["reserved", "device_error"])
+async def test_alarm_code_2_during_self_test(
+    world: SimWorld, serve: ServeFn, contexts: CtxFn, eventually: Eventually, mode: str
+) -> None:
+    # the simulated device reads alarm type 2 while its test runs (code_2_during_test)
+    sim = BenderSimulator(world.connector(2), world=world, self_test_duration_s=1.0)
+    server = await serve([sim])
+    dev = imd(contexts(server), alarm_code_2_in_test=mode)
+    await dev.start()
+    states: list[tuple[bool, str | None]] = []
+
+    async def watcher() -> None:
+        while True:
+            r = dev.reading()
+            states.append((r is not None and r.testing, dev.health().code))
+            await asyncio.sleep(0.05)
+
+    try:
+        await eventually(lambda: dev.health().ok, timeout=2.0)
+        task = asyncio.create_task(watcher())
+        result = await dev.self_test()
+        task.cancel()
+        assert result.passed  # judged after the test either way
+        codes_during = {code for testing, code in states if testing}
+        if mode == "reserved":
+            assert "imd_device_error" not in codes_during
+        else:
+            assert "imd_device_error" in codes_during
+        await eventually(lambda: dev.health().ok, timeout=2.0)
+    finally:
+        await dev.stop()

@@ -224,8 +224,14 @@ def test_bender_channel_bits() -> None:
     assert ch.description == 71
     assert decode_channel(channel_regs(1.0, 0x05, 0x02)).alarm is IsolationAlarm.ALARM
     assert decode_channel(channel_regs(1.0, 0x01, 0x02)).alarm is IsolationAlarm.PREWARNING
-    err = decode_channel(channel_regs(0.0, 0x42, 0xC2))
-    assert err.device_error and err.test == "internal" and err.validity == "invalid"
+    err = decode_channel(channel_regs(0.0, 0x02, 0xC2))
+    assert err.device_error and err.test == "none" and err.validity == "invalid"
+    # alarm type 2 while a test runs: reserved by default (EVerest), a device error if asked
+    in_test = channel_regs(0.0, 0x42, 0xC2)
+    reserved = decode_channel(in_test)
+    assert not reserved.device_error and reserved.alarm is IsolationAlarm.NONE
+    assert reserved.test == "internal" and reserved.validity == "invalid"
+    assert decode_channel(in_test, code_2_in_test_reserved=False).device_error
     for reserved in (3, 6, 7):
         with pytest.raises(DeviceDataError):
             decode_channel(channel_regs(1.0, reserved, 0x02))

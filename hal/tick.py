@@ -1,0 +1,87 @@
+"""One shared tick grid for every periodic loop of the process.
+
+Each periodic loop (connector control, pilot sampling, Modbus and CAN polling, hwmon,
+status snapshot, watchdog, ...) waits with :func:`sleep_to_grid` instead of
+``asyncio.sleep(period)``: it wakes at the next multiple of its period on the event
+loop's clock, so loops with equal (or commensurate) periods wake at the *same*
+instant, and the event loop handles all of them in one pass instead of one wake-up
+per timer. A 100 ms control tick and a 50 ms pilot sample share every other wake-up;
+all 1 s jobs share one. Nothing is delayed by more than one period, and no loop can
+hold up another: each is still its own task, only the timer deadlines coincide.
+
+:class:`Wakeup` is a cheaper ``asyncio.Event`` for "sleep until the next tick or
+until somebody has news" (no task and no timeout object per wait, as
+``asyncio.wait_for(event.wait(), t)`` would create).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+
+def next_boundary(now: float, period: float) -> float:
+    """The first multiple of ``period`` strictly after ``now`` (ValueError for period <= 0)."""
+    if not period > 0:
+        raise ValueError(f"period must be > 0, got {period!r}")
+    # a hair of tolerance: a loop woken exactly on a boundary waits for the next one
+    return (math.floor(now / period + 1e-7) + 1) * period
+
+
+async def sleep_to_grid(period: float) -> None:
+    """Sleep until the next multiple of ``period`` on the running loop's clock."""
+    loop = asyncio.get_running_loop()
+    now = loop.time()
+    await asyncio.sleep(next_boundary(now, period) - now)
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class Wakeup:
+    """A flag a loop can sleep on until a deadline: ``set()`` ends the sleep early.
+
+    ``set()`` may be called from the loop thread only (as for ``asyncio.Event``); it
+    stays set until :meth:`clear`. :meth:`wait_until` returns at once while set.
+    """
+
+    def __init__(self) -> None:
+        self._set = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        self._set = True
+        if self._waiter is not None:
+            _wake(self._waiter)
+
+    def clear(self) -> None:
+        self._set = False
+
+    async def wait(self) -> None:
+        """Wait until set (no deadline)."""
+        await self.wait_until(math.inf)
+
+    async def wait_until(self, when: float) -> None:
+        """Return at loop time ``when`` or as soon as the flag is set, whichever is first."""
+        if self._set:
+            return
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        self._waiter = waiter
+        handle = loop.call_at(when, _wake, waiter) if math.isfinite(when) else None
+        try:
+            await waiter
+        finally:
+            if handle is not None:
+                handle.cancel()
+            self._waiter = None
+
+    async def wait_for_tick(self, period: float) -> None:
+        """Until the next multiple of ``period`` (see :func:`sleep_to_grid`) or until set."""
+        loop = asyncio.get_running_loop()
+        await self.wait_until(next_boundary(loop.time(), period))
