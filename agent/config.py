@@ -38,6 +38,7 @@ from agent.maintenance.health import HealthConfig
 from agent.maintenance.service_mode import ServiceConfig
 from agent.store.db import StoreConfig
 from agent.charging.config import ChargingSection, ConnectorConfig, DeviceSection
+from agent.channels.ocpp.config import OcppSection
 from agent.netaddr import is_loopback_host
 from hal.config import CanBusConfig, ModbusLinkConfig, StrictModel
 
@@ -153,6 +154,7 @@ class SimSection(StrictModel):
 class AgentConfig(StrictModel):
     charger: ChargerSection
     platform: PlatformSection
+    ocpp: OcppSection | None = None
     can: dict[str, CanBusConfig] = {}
     modbus: dict[str, ModbusLinkConfig] = {}
     imd: dict[str, DeviceSection] = {}

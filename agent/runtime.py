@@ -59,6 +59,7 @@ from agent.channels.tellus.telemetry import TelemetrySampler
 from agent.channels.tellus.auth import Identity, TokenManager
 from agent.channels.tellus.client import PlatformHttp
 from agent.channels.tellus.uplink import Uplink
+from agent.channels.ocpp import OcppService, start_ocpp, tellus_command_specs
 from hal.context import BuildContext
 from hal.interfaces import DeviceSet, HealthState, Thermal
 
@@ -102,6 +103,7 @@ class Agent:
         self._tasks: list[asyncio.Task[Any]] = []
         self._hw_lock = asyncio.Lock()
         self.firmware: FirmwareManager | None = None
+        self.ocpp: OcppService | None = None
         self.upgrade_restart: str | None = None  # "agent" | "system" once an upgrade asked for it
         self.notifier: Notifier = default_notifier()
         self.watchdog: Watchdog = Watchdog.from_env(self.notifier)
@@ -189,6 +191,7 @@ class Agent:
                 **diagnostic_specs(self),
                 "firmware_upgrade": firmware_command_spec(self.firmware),
             }
+            specs = tellus_command_specs(specs, cfg.ocpp)
             self.dispatcher = Dispatcher(self.store.ledger, self.reporter, self.connectors, specs)
             self._tasks = [asyncio.create_task(self._housekeeping(), name="housekeeping")]
             status_writer = StatusWriter(status_path(state_dir), 1.0, self.status_snapshot)
@@ -196,6 +199,7 @@ class Agent:
             stack.push_async_callback(status_writer.stop)
             if cfg.platform.enabled:
                 await self._start_uplink()
+            self.ocpp = await start_ocpp(self)
             self._tasks.append(
                 asyncio.create_task(self.firmware.after_start(self._healthy_for_upgrade), name="firmware-health-gate")
             )
@@ -275,7 +279,7 @@ class Agent:
             taken_at=time.time(),
             started_at=self.started_at,
             serial_number=self.cfg.charger.serial_number,
-        )
+        ) | ({"ocpp": self.ocpp.metadata()} if self.ocpp is not None else {})
 
     def service_mode_on(self) -> bool:
         return self.service_mode is not None and self.service_mode.is_on()
@@ -582,6 +586,8 @@ class Agent:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         suspend = self.cfg.charging.on_shutdown == "suspend" and not self.reboot_requested and self.upgrade_restart is None
         await self._stop_hardware(SHUTDOWN_STOP_REASON, suspend=suspend)
+        if self.ocpp is not None:
+            await self.ocpp.stop()
         if self.reporter is not None:
             await self.reporter.drain()
         if self.uplink is not None:
@@ -690,6 +696,8 @@ class Agent:
             }
 
     async def force_reconnect(self) -> bool:
+        if self.ocpp is not None:
+            await self.ocpp.force_reconnect()
         if self.uplink is None:
             return False
         await self.uplink.force_reconnect()

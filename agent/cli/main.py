@@ -24,6 +24,15 @@ def _load(args: argparse.Namespace) -> LoadedConfig:
             cfg.platform.url = args.platform_url
         except ValueError as exc:
             raise ConfigError([f"--platform-url: {exc.errors()[0]['msg'].removeprefix('Value error, ')}"]) from None  # type: ignore[attr-defined]
+    if getattr(args, "ocpp_url", None):
+        from agent.channels.ocpp.config import check_ocpp_url
+
+        if cfg.ocpp is None:
+            raise ConfigError([f"--ocpp-url: {loaded.path} has no [ocpp] section to override"])
+        try:
+            cfg.ocpp.url = check_ocpp_url(args.ocpp_url)
+        except ValueError as exc:
+            raise ConfigError([f"--ocpp-url: expected {exc}"]) from None
     if getattr(args, "state_dir", None):
         cfg.charger.state_dir = Path(args.state_dir)
     return loaded
@@ -131,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the agent (charging, uplink, commands)")
     with_config(p)
     p.add_argument("--platform-url", help="API base ending in /v1 (overrides [platform] url)")
+    p.add_argument("--ocpp-url", help="CSMS WebSocket URL (overrides [ocpp] url)")
     p.add_argument("--state-dir", help="state directory (overrides [charger] state_dir)")
     p.add_argument("--sim-root", help="simulator file root (overrides [sim] root)")
     p.set_defaults(func=cmd_run)

@@ -1,0 +1,135 @@
+"""The OCPP channel: the charger as an OCPP charge point of its operator's CSMS.
+
+Per platform-api §13 the OCPP channel owns session management, driver authorization and
+billing; the Tellus channel runs beside it. Layout:
+
+* :mod:`.config` -- the ``[ocpp]`` section; :mod:`.interface` -- :class:`ChargerPort`
+  (what an OCPP version may use of the charger) and :class:`CsmsChannel`;
+* version independent: :mod:`.journal` (durable transaction messages), :mod:`.settings`
+  (configuration keys), :mod:`.authorize` (local list, cache, offline rules),
+  :mod:`.profiles` (charging profiles -> connector limits), :mod:`.mapping`, :mod:`.metrics`;
+* :mod:`.v16` -- OCPP 1.6-J on the ``ocpp`` package over ``websockets``.
+
+The runtime calls :func:`start_ocpp` once (after the connectors run) and
+:meth:`OcppService.stop` at shutdown, after the connectors stopped; Tellus commands go
+through :func:`tellus_command_specs`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from agent.channels.ocpp.config import OcppSection, check_ocpp_url
+from agent.channels.ocpp.interface import ChargerPort, CsmsChannel
+from agent.channels.ocpp.journal import Journal
+
+log = structlog.get_logger(__name__)
+
+__all__ = ["ChargerPort", "CsmsChannel", "OcppSection", "OcppService", "check_ocpp_url", "start_ocpp", "tellus_command_specs"]
+
+SESSION_COMMANDS = ("start_charging", "stop_charging")
+OWNED_MESSAGE = "sessions belong to the OCPP channel on this charger (platform-api §13): start and stop them through the CSMS"
+
+
+class OcppService:
+    """A started OCPP channel plus its journal."""
+
+    def __init__(self, channel: Any, journal: Journal) -> None:
+        self.channel = channel
+        self.journal = journal
+
+    @property
+    def online(self) -> bool:
+        return bool(self.channel.online)
+
+    def metadata(self) -> dict[str, Any]:
+        return dict(self.channel.metadata())
+
+    async def force_reconnect(self) -> None:
+        await self.channel.force_reconnect()
+
+    async def stop(self, grace_s: float = 3.0) -> None:
+        """Journal what the last stopped sessions produced, send it if online (bounded), close."""
+        tracker = getattr(self.channel, "tracker", None)
+        if tracker is not None:
+            for cid, connector in list(tracker.port.connectors.items()):
+                try:
+                    await tracker._poll(cid, connector)
+                except Exception:
+                    log.exception("ocpp_final_poll_failed", connector=cid)
+        deadline = asyncio.get_running_loop().time() + grace_s
+        while self.online and await self.journal.depth() and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.1)
+        await self.channel.stop()
+        await self.journal.close()
+
+
+async def start_ocpp(agent: Any) -> OcppService | None:
+    """Start the OCPP channel of a running :class:`agent.runtime.Agent` (None: not configured)."""
+    cfg: OcppSection | None = getattr(agent.cfg, "ocpp", None)
+    if cfg is None or not cfg.enabled:
+        return None
+    from agent import __version__
+    from agent.channels.ocpp.v16.channel import OcppV16Channel
+
+    state_dir = Path(agent.cfg.charger.state_dir)
+
+    async def request_restart(hard: bool) -> None:
+        log.warning("ocpp_reset_restart", hard=hard)
+        agent.reboot_requested = hard
+        if agent._stop_event is not None:
+            agent._stop_event.set()
+
+    port = ChargerPort(
+        serial_number=agent.cfg.charger.serial_number,
+        model=agent.cfg.charger.model,
+        vendor=cfg.vendor,
+        firmware_version=__version__,
+        state_dir=state_dir,
+        connectors=agent.connectors,
+        faults=agent.faults,
+        free_vend=agent.cfg.charging.autostart,
+        request_restart=request_restart,
+        readers=_readers(agent),
+    )
+    journal = await Journal.open(state_dir)
+    channel = OcppV16Channel(cfg, port, journal)
+    await channel.start()
+    return OcppService(channel, journal)
+
+
+def _readers(agent: Any) -> dict[int, Any]:
+    """ID-token readers of the simulator (taps injected through its control endpoint)."""
+    sim = getattr(agent, "simulator", None)
+    root = getattr(sim, "root", None)
+    if root is None:
+        return {}
+    from hal.auth.sim import SimulatedReader
+
+    return {c.id: SimulatedReader(Path(root) / "auth" / f"taps-{c.id}.jsonl") for c in agent.cfg.connectors}
+
+
+def tellus_command_specs(specs: dict[str, Any], ocpp: OcppSection | None) -> dict[str, Any]:
+    """With OCPP configured, Tellus ``start_charging``/``stop_charging`` are refused, saying why."""
+    if ocpp is None or not ocpp.enabled:
+        return specs
+    from agent.charging.connector import Rejected
+
+    async def refuse(_ctx: Any) -> None:
+        raise Rejected(OWNED_MESSAGE)
+
+    out = dict(specs)
+    for name in SESSION_COMMANDS:
+        if name in out:
+            out[name] = dataclasses.replace(out[name], run=refuse)
+    return out
+
+
+def status_block(service: OcppService | None) -> dict[str, Any] | None:
+    return None if service is None else service.metadata()
+

@@ -1,0 +1,638 @@
+"""The OCPP 1.6-J channel: one WebSocket to the CSMS, rebuilt whenever it drops.
+
+Connection contract:
+
+* ``{url}/{charge_point_id}``, subprotocol ``ocpp1.6`` (a server that does not agree is
+  dropped and retried), HTTP Basic with the identity as user when a password is set,
+  WebSocket ping/pong every ``WebSocketPingInterval`` s;
+* reconnects back off exponentially from ``reconnect_min_s`` to ``reconnect_max_s`` with
+  jitter (each delay a random 50-100 % of the exponential step), reset after a boot was
+  accepted;
+* BootNotification first; Pending/Rejected are retried after the interval the CSMS gave
+  and nothing else is sent before Accepted (CALLs from the CSMS are answered while
+  Pending); then StatusNotification for connector 0 and every connector, Heartbeat every
+  ``HeartbeatInterval`` s, status changes as they happen;
+* transaction messages come from the journal, oldest first, one at a time: a CALLRESULT
+  removes the message (a StartTransaction's transactionId commits with it); a CALLERROR
+  or timeout counts an attempt and waits ``TransactionMessageRetryInterval`` x attempts;
+  after ``TransactionMessageAttempts`` the message is dead-lettered with an alarm (F-0303)
+  so the queue never stalls. A socket that drops while a CALL waits fails that call
+  (its task is cancelled with the connection); the message stays in the journal and is
+  sent again on the next connection, so nothing waits on a lock that will never free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import random
+import ssl
+from datetime import datetime, timezone
+from typing import Any, Callable, Coroutine
+
+import structlog
+import websockets
+from ocpp.exceptions import OCPPError
+from ocpp.v16 import call
+from websockets.asyncio.client import ClientConnection, connect
+
+from agent.channels.ocpp.authorize import Authorizer
+from agent.channels.ocpp.config import OcppSection
+from agent.channels.ocpp.interface import ChargerPort
+from agent.channels.ocpp.journal import Journal, QueuedMessage
+from agent.channels.ocpp.mapping import connector_status, error_code
+from agent.channels.ocpp.metrics import ChannelMetrics
+from agent.channels.ocpp.profiles import ChargingProfiles
+from agent.channels.ocpp.settings import Settings
+from agent.channels.ocpp.v16.handlers import ChargePoint16, cancel_quietly
+from agent.channels.ocpp.v16.transactions import PendingStart, TxTracker
+from agent.charging.session import iso, utc_now
+
+log = structlog.get_logger(__name__)
+
+PROFILES = ["Core", "FirmwareManagement", "LocalAuthListManagement", "RemoteTrigger", "SmartCharging"]
+SETTINGS_KEY = "settings"
+AVAILABILITY_KEY = "inoperative"
+PROFILES_KEY = "charging_profiles"
+DEAD_LETTER_FAULT = "F-0303"
+
+VendorHandler = Callable[[str | None, str | None], tuple[str, str | None]]
+
+
+class CountingConnection:
+    """The WebSocket as the ``ocpp`` package sees it, counting frames for the metadata."""
+
+    def __init__(self, ws: ClientConnection, metrics: ChannelMetrics) -> None:
+        self.ws = ws
+        self.metrics = metrics
+
+    async def recv(self) -> str:
+        frame = await self.ws.recv()
+        self.metrics.frame(received=True)
+        return frame if isinstance(frame, str) else frame.decode("utf-8", "replace")
+
+    async def send(self, frame: str) -> None:
+        await self.ws.send(frame)
+        self.metrics.frame(received=False)
+
+
+class OcppV16Channel:
+    """Implements :class:`agent.channels.ocpp.interface.CsmsChannel` for OCPP 1.6-J."""
+
+    def __init__(self, cfg: OcppSection, port: ChargerPort, journal: Journal) -> None:
+        self.cfg = cfg
+        self.port = port
+        self.journal = journal
+        self.cp_id = cfg.charge_point_id or port.serial_number
+        self.metrics = ChannelMetrics("1.6")
+        self.metrics.features = list(PROFILES)
+        self.settings: Settings = Settings(len(port.connectors), PROFILES, {}, self._persist_setting)
+        self.auth = Authorizer(journal, self.settings)
+        self.vendors: dict[str, VendorHandler] = {}
+        self.inoperative: set[int] = set()
+        self.tracker: TxTracker | None = None
+        self.profiles = ChargingProfiles(port.connectors, self._persist_profiles, self._tx_start)
+        self._cp: ChargePoint16 | None = None
+        self._accepted = asyncio.Event()
+        self._wake_sender = asyncio.Event()
+        self._status_changed = asyncio.Event()
+        self._volatile: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue(maxsize=200)
+        self._sent_status: dict[int, tuple[str, str]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._background: set[asyncio.Task[Any]] = set()
+        self._ws: ClientConnection | None = None
+        self._reconnect_now = asyncio.Event()
+        self.firmware_status = "Idle"
+        self._pending_profile: tuple[int, dict[str, Any]] | None = None
+        self.diagnostics_status = "Idle"
+
+    # ------------------------------------------------------------------ CsmsChannel
+
+    @property
+    def online(self) -> bool:
+        return self._accepted.is_set()
+
+    def metadata(self) -> dict[str, Any]:
+        return self.metrics.snapshot()
+
+    async def start(self) -> None:
+        stored = await self.journal.kv_get(SETTINGS_KEY, {})
+        self.settings = Settings(len(self.port.connectors), PROFILES, dict(stored), self._persist_setting)
+        self.settings.on_change = self._setting_changed
+        self.auth = Authorizer(self.journal, self.settings)
+        await self.auth.load()
+        self.inoperative = set(await self.journal.kv_get(AVAILABILITY_KEY, []))
+        self.profiles.load(await self.journal.kv_get(PROFILES_KEY, []))
+        self.metrics.dead_letters = await self.journal.dead_count()
+        self.tracker = TxTracker(
+            self.port, self.journal, self.settings, self._wake_sender.set, self.send_volatile, self.cfg.free_vend_id_tag
+        )
+        self.tracker.on_start_failed = lambda cid, tag, why: log.warning("ocpp_start_refused", connector=cid, id_tag=tag, reason=why)
+        await self.tracker.load()
+        for cid in self.inoperative:
+            connector = self.port.connectors.get(cid)
+            if connector is not None and not connector.in_session():
+                await connector.set_unavailable("ocpp_inoperative")
+        self._tasks = [
+            asyncio.create_task(self.tracker.run(), name="ocpp-transactions"),
+            asyncio.create_task(self._local_loop(), name="ocpp-local"),
+        ]
+        self._task = asyncio.create_task(self._run(), name="ocpp-channel")
+        log.info("ocpp_channel_started", url=self.cfg.url, charge_point_id=self.cp_id)
+
+    async def stop(self) -> None:
+        """Close the socket; the journal keeps whatever is unsent. Sessions are not touched."""
+        for task in [self._task, *self._tasks, *self._background]:
+            await cancel_quietly(task)
+        self._task, self._tasks = None, []
+        self._accepted.clear()
+        self.metrics.connected = False
+
+    async def force_reconnect(self) -> None:
+        self._reconnect_now.set()
+        if self._ws is not None:
+            await self._ws.close(code=1012, reason="reconnect requested")
+
+    # ------------------------------------------------------------------ connection loop
+
+    def _url(self) -> str:
+        return f"{self.cfg.url}/{self.cp_id}"
+
+    def _headers(self) -> dict[str, str]:
+        password = self.cfg.read_password()
+        if password is None:
+            return {}
+        token = base64.b64encode(f"{self.cp_id}:{password}".encode()).decode()
+        return {"Authorization": f"Basic {token}"}
+
+    def _ssl(self) -> ssl.SSLContext | None:
+        if not self.cfg.url.startswith("wss://"):
+            return None
+        context = ssl.create_default_context(cafile=str(self.cfg.ca_file) if self.cfg.ca_file else None)
+        return context
+
+    async def _run(self) -> None:
+        attempt = 0
+        while True:
+            self._reconnect_now.clear()
+            self.metrics.upgrade_attempts += 1
+            try:
+                ping = self.settings.get_int("WebSocketPingInterval") or None
+                async with connect(
+                    self._url(),
+                    subprotocols=[websockets.Subprotocol("ocpp1.6")],
+                    additional_headers=self._headers(),
+                    ssl=self._ssl(),
+                    proxy=None,
+                    open_timeout=10,
+                    ping_interval=ping,
+                    ping_timeout=ping,
+                    close_timeout=5,
+                ) as ws:
+                    if ws.subprotocol != "ocpp1.6":
+                        raise ConnectionError(f"CSMS did not agree to ocpp1.6 (got {ws.subprotocol!r})")
+                    self._ws = ws
+                    self.metrics.connected = True
+                    self.metrics.connects += 1
+                    log.info("ocpp_connected", url=self._url())
+                    if await self._connected(ws):
+                        attempt = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.metrics.last_error = f"{type(exc).__name__}: {exc}"[:200]
+                log.warning("ocpp_connection_failed", error=self.metrics.last_error)
+            finally:
+                self._ws = None
+                self._cp = None
+                self._accepted.clear()
+                self.metrics.connected = False
+            if self._reconnect_now.is_set():
+                continue
+            step = min(self.cfg.reconnect_max_s, self.cfg.reconnect_min_s * (2 ** min(attempt, 16)))
+            delay = step * random.uniform(0.5, 1.0)
+            attempt += 1
+            log.info("ocpp_reconnect_in", seconds=round(delay, 1))
+            try:
+                await asyncio.wait_for(self._reconnect_now.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _connected(self, ws: ClientConnection) -> bool:
+        """Serve one connection until it drops; True when a boot was accepted on it."""
+        cp = ChargePoint16(self.cp_id, CountingConnection(ws, self.metrics), self, self.cfg.call_timeout_s)
+        self._cp = cp
+        reader = asyncio.create_task(cp.start(), name="ocpp-reader")
+        main = asyncio.create_task(self._online(cp), name="ocpp-online")
+        booted = False
+        try:
+            done, _ = await asyncio.wait({reader, main}, return_when=asyncio.FIRST_COMPLETED)
+            booted = self._accepted.is_set()
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    exc = task.exception()
+                    self.metrics.last_error = f"{type(exc).__name__}: {exc}"[:200]
+        finally:
+            booted = booted or self._accepted.is_set()
+            self._accepted.clear()
+            await cancel_quietly(main)
+            await cancel_quietly(reader)
+        return booted
+
+    async def _call(self, payload: Any) -> Any:
+        cp = self._cp
+        if cp is None:
+            raise ConnectionError("not connected")
+        return await cp.call(payload, suppress=False)
+
+    async def _online(self, cp: ChargePoint16) -> None:
+        while True:
+            answer = await self._call(
+                call.BootNotification(
+                    charge_point_vendor=self.port.vendor[:20],
+                    charge_point_model=self.port.model[:20],
+                    charge_point_serial_number=self.port.serial_number[:25],
+                    firmware_version=self.port.firmware_version[:50],
+                )
+            )
+            self.metrics.boot_status = answer.status
+            if answer.status == "Accepted":
+                if answer.interval and answer.interval > 0:
+                    self.settings.change("HeartbeatInterval", str(answer.interval))
+                break
+            retry = answer.interval if answer.interval and answer.interval > 0 else self.cfg.boot_retry_s
+            log.warning("ocpp_boot_not_accepted", status=answer.status, retry_s=retry)
+            await asyncio.sleep(retry)
+        log.info("ocpp_boot_accepted", charge_point_id=self.cp_id)
+        self._accepted.set()
+        self._sent_status = {}
+        await self._send_statuses(force=True)
+        tasks = [
+            asyncio.create_task(self._heartbeat_loop(), name="ocpp-heartbeat"),
+            asyncio.create_task(self._sender_loop(), name="ocpp-sender"),
+            asyncio.create_task(self._status_loop(), name="ocpp-status"),
+            asyncio.create_task(self._volatile_loop(), name="ocpp-volatile"),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()
+        finally:
+            for task in tasks:
+                await cancel_quietly(task)
+
+    # ------------------------------------------------------------------ periodic traffic
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(max(self.settings.get_int("HeartbeatInterval"), 1))
+            await self._call(call.Heartbeat())
+
+    def _statuses(self) -> dict[int, tuple[str, str, str | None]]:
+        out: dict[int, tuple[str, str, str | None]] = {}
+        faults = self.port.faults
+        station = [f.fault_id for f in faults.active() if f.connector_id is None and f.definition.severity.value == "error"]
+        code, vendor = error_code(station)
+        out[0] = ("Unavailable" if 0 in self.inoperative else ("Faulted" if station else "Available"), code, vendor)
+        finishing = self.tracker.finishing if self.tracker is not None else set()
+        for cid, c in self.port.connectors.items():
+            reading = c.hw.meter.reading()
+            status = connector_status(
+                c.state.value,
+                finishing=cid in finishing,
+                inoperative=cid in self.inoperative,
+                power_kw=reading.power_kw if reading is not None else None,
+                limit_kw=c.effective_limit_kw(),
+            )
+            mine = [f.fault_id for f in faults.active(cid) if f.connector_id == cid]
+            code, vendor = error_code(mine if status == "Faulted" else [f for f in mine if f in ("F-0203",)])
+            out[cid] = (status, code, vendor)
+        return out
+
+    async def _send_statuses(self, *, force: bool = False, only: int | None = None) -> None:
+        for cid, (status, code, vendor) in self._statuses().items():
+            if only is not None and cid != only:
+                continue
+            if not force and self._sent_status.get(cid) == (status, code):
+                continue
+            await self._call(
+                call.StatusNotification(
+                    connector_id=cid, error_code=code, status=status, timestamp=iso(utc_now()), vendor_error_code=vendor
+                )
+            )
+            self._sent_status[cid] = (status, code)
+
+    async def _status_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            await self._send_statuses()
+
+    async def _volatile_loop(self) -> None:
+        while True:
+            action, payload = await self._volatile.get()
+            try:
+                await self._call(getattr(call, action)(**payload))
+            except OCPPError as exc:
+                log.warning("ocpp_call_refused", action=action, error=exc.code)
+
+    def send_volatile(self, action: str, payload: dict[str, Any]) -> None:
+        """Queue a non-transaction message for the current connection (dropped when offline)."""
+        if self.online and not self._volatile.full():
+            self._volatile.put_nowait((action, payload))
+
+    # ------------------------------------------------------------------ transaction messages
+
+    async def _sender_loop(self) -> None:
+        while True:
+            message = await self.journal.head()
+            self.metrics.queue_depth = await self.journal.depth()
+            if message is None:
+                self._wake_sender.clear()
+                await self._wake_sender.wait()
+                continue
+            await self._deliver(message)
+
+    async def _deliver(self, message: QueuedMessage) -> None:
+        payload = dict(message.payload)
+        if message.local_tx is not None and message.action != "StartTransaction":
+            row = await self.journal.transaction(message.local_tx)
+            if row is None or row.transaction_id is None:
+                await self._dead(message, "its StartTransaction was never answered")
+                return
+            payload["transaction_id"] = row.transaction_id
+        try:
+            answer = await self._call(getattr(call, message.action)(**payload))
+        except (OCPPError, asyncio.TimeoutError) as exc:
+            error = exc.code if isinstance(exc, OCPPError) else "Timeout"
+            attempts = await self.journal.failed_attempt(message.seq)
+            log.warning("ocpp_tx_message_failed", action=message.action, seq=message.seq, attempts=attempts, error=error)
+            if attempts >= self.settings.get_int("TransactionMessageAttempts"):
+                await self._dead(message, f"{error} after {attempts} attempts")
+            else:
+                await asyncio.sleep(self.settings.get_int("TransactionMessageRetryInterval") * attempts)
+            return
+        if message.action == "StartTransaction":
+            transaction_id = int(answer.transaction_id)
+            await self.journal.delivered(message.seq, message.local_tx, transaction_id)
+            assert self.tracker is not None and message.local_tx is not None
+            self.tracker.transaction_answered(message.local_tx, transaction_id)
+            info = dict(answer.id_tag_info or {})
+            await self.auth.remember(str(payload["id_tag"]), info)
+            if info.get("status") != "Accepted" and self.settings.get_bool("StopTransactionOnInvalidId"):
+                self._stop_local(message.local_tx, "DeAuthorized")
+            log.info("ocpp_transaction_id", local_tx=message.local_tx, transaction_id=transaction_id)
+        else:
+            await self.journal.delivered(message.seq)
+            if message.action == "StopTransaction":
+                self.profiles.transaction_ended(int(payload.get("connector_id", 0) or 0))
+
+    async def _dead(self, message: QueuedMessage, why: str) -> None:
+        await self.journal.dead_letter(message.seq, why)
+        self.metrics.dead_letters += 1
+        log.error("ocpp_dead_letter", action=message.action, seq=message.seq, local_tx=message.local_tx, error=why)
+        self.port.faults.raise_(DEAD_LETTER_FAULT, None, action=message.action, seq=message.seq, error=why)
+
+    def _stop_local(self, local_tx: str | None, reason: str) -> None:
+        assert self.tracker is not None
+        for cid, connector in self.port.connectors.items():
+            if connector.session is not None and connector.session.record_id == local_tx:
+                self.tracker.stop(cid, reason, "user_request")
+
+    # ------------------------------------------------------------------ local work, online or not
+
+    async def _local_loop(self) -> None:
+        """Charging profiles (every second), persisted state, ID-token taps."""
+        taps = [asyncio.create_task(self._reader_loop(cid, r), name=f"ocpp-reader-{cid}") for cid, r in self.port.readers.items()]
+        try:
+            while True:
+                pending = self._pending_profile
+                if pending is not None and self._tx_start(pending[0]) is not None:
+                    self._pending_profile = None
+                    self.profiles.set(*pending)
+                self.profiles.apply()
+                await self.profiles.flush()
+                await asyncio.sleep(1.0)
+        finally:
+            for task in taps:
+                await cancel_quietly(task)
+
+    async def _reader_loop(self, connector_id: int, reader: Any) -> None:
+        while True:
+            token = await reader.next_tap()
+            try:
+                await self.token_presented(connector_id, str(token))
+            except Exception:
+                log.exception("ocpp_tap_failed", connector=connector_id)
+
+    async def _ask_csms(self, id_tag: str) -> dict[str, Any] | None:
+        if not self.online:
+            return None
+        try:
+            answer = await asyncio.wait_for(self._call(call.Authorize(id_tag=id_tag)), self.cfg.call_timeout_s)
+        except (OCPPError, asyncio.TimeoutError, ConnectionError):
+            return None
+        return dict(answer.id_tag_info)
+
+    async def token_presented(self, connector_id: int, id_tag: str) -> str:
+        """A card tap: stop our own transaction, or authorise a new one (the status returned)."""
+        assert self.tracker is not None
+        running = self.tracker.id_tag(connector_id)
+        if running is not None:
+            if running == id_tag:
+                self.tracker.stop(connector_id, "Local", "user_request")
+                return "Accepted"
+            return "Rejected"
+        info = await self.auth.authorize(id_tag, online=self.online, ask=self._ask_csms)
+        status = str(info.get("status"))
+        log.info("ocpp_token", connector=connector_id, id_tag=id_tag, status=status)
+        if status == "Accepted":
+            timeout = self.settings.get_int("ConnectionTimeOut")
+            self.tracker.pending[connector_id] = PendingStart(id_tag, asyncio.get_running_loop().time() + timeout, remote=False)
+        return status
+
+    # ------------------------------------------------------------------ operations (handlers call these)
+
+    async def remote_start(self, id_tag: str, connector_id: int | None, profile: dict[str, Any] | None) -> str:
+        assert self.tracker is not None
+        connectors = self.port.connectors
+        if connector_id is None:
+            free = [cid for cid, c in connectors.items() if not c.in_session() and c.state.value in ("vehicle_connected", "idle")]
+            plugged = [cid for cid in free if connectors[cid].state.value == "vehicle_connected"]
+            choice = plugged or free
+            if not choice:
+                return "Rejected"
+            connector_id = choice[0]
+        connector = connectors.get(connector_id)
+        if connector is None:
+            return "Rejected"
+        if connector.in_session() or connector.state.value in ("fault", "unavailable") or connector_id in self.inoperative:
+            return "Rejected"
+        if profile is not None and profile.get("charging_profile_purpose") != "TxProfile":
+            return "Rejected"
+        if self.settings.get_bool("AuthorizeRemoteTxRequests"):
+            info = await self.auth.authorize(id_tag, online=self.online, ask=self._ask_csms)
+            if info.get("status") != "Accepted":
+                return "Rejected"
+        if profile is not None:
+            self._pending_profile = (connector_id, profile)
+        timeout = self.settings.get_int("ConnectionTimeOut")
+        self.tracker.pending[connector_id] = PendingStart(id_tag, asyncio.get_running_loop().time() + timeout, remote=True)
+        return "Accepted"
+
+    def remote_stop(self, transaction_id: int) -> str:
+        assert self.tracker is not None
+        found = self.tracker.local_tx_of(transaction_id)
+        if found is None:
+            return "Rejected"
+        return "Accepted" if self.tracker.stop(found[0], "Remote") else "Rejected"
+
+    def _tx_start(self, connector_id: int) -> datetime | None:
+        connector = self.port.connectors.get(connector_id)
+        session = connector.session if connector is not None else None
+        return session.start_time if session is not None else None
+
+    def trigger(self, message: str, connector_id: int | None) -> None:
+        if message == "StatusNotification":
+            self.start_background(self._send_statuses(force=True, only=connector_id))
+        elif message == "Heartbeat":
+            self.send_volatile("Heartbeat", {})
+        elif message == "BootNotification":
+            self.send_volatile(
+                "BootNotification",
+                {"charge_point_vendor": self.port.vendor[:20], "charge_point_model": self.port.model[:20]},
+            )
+        elif message == "MeterValues":
+            from agent.channels.ocpp.v16.transactions import sampled_values
+
+            for cid, c in self.port.connectors.items():
+                if connector_id in (None, 0, cid):
+                    values = sampled_values(c, self.settings.get_list("MeterValuesSampledData"), "Trigger")
+                    if values:
+                        self.send_volatile("MeterValues", {"connector_id": cid, "meter_value": [{"timestamp": iso(utc_now()), "sampled_value": values}]})
+        elif message == "FirmwareStatusNotification":
+            self.send_volatile("FirmwareStatusNotification", {"status": self.firmware_status})
+        elif message == "DiagnosticsStatusNotification":
+            self.send_volatile("DiagnosticsStatusNotification", {"status": self.diagnostics_status})
+
+    async def reset(self, *, hard: bool) -> None:
+        """Reset: stop transactions with SoftReset/HardReset, let them be journaled, restart."""
+        assert self.tracker is not None
+        for cid in list(self.port.connectors):
+            self.tracker.stop(cid, "HardReset" if hard else "SoftReset")
+        for _ in range(300):
+            if not any(c.in_session() for c in self.port.connectors.values()) and not self.tracker._tracked:
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)  # the tracker journals the StopTransactions
+        await self.port.request_restart(hard)
+
+    async def change_availability(self, connector_id: int, operative: bool) -> str:
+        targets = list(self.port.connectors) if connector_id == 0 else [connector_id]
+        if connector_id != 0 and connector_id not in self.port.connectors:
+            return "Rejected"
+        scheduled = False
+        if operative:
+            self.inoperative -= {connector_id, *targets} if connector_id == 0 else {connector_id}
+        else:
+            self.inoperative |= {connector_id}
+            if connector_id == 0:
+                self.inoperative |= set(targets)
+        await self.journal.kv_set(AVAILABILITY_KEY, sorted(self.inoperative))
+        for cid in targets:
+            connector = self.port.connectors[cid]
+            if operative:
+                if connector.unavailable_reason == "ocpp_inoperative":
+                    await connector.set_unavailable(None)
+            elif connector.in_session():
+                scheduled = True  # the tracker's poll takes it out after the transaction
+                self.start_background(self._take_out_after_session(cid))
+            else:
+                await connector.set_unavailable("ocpp_inoperative")
+        self._status_changed.set()
+        return "Scheduled" if scheduled else "Accepted"
+
+    async def _take_out_after_session(self, cid: int) -> None:
+        connector = self.port.connectors[cid]
+        while connector.in_session():
+            await asyncio.sleep(0.5)
+        if cid in self.inoperative:
+            from agent.charging.connector import Rejected
+
+            try:
+                await connector.set_unavailable("ocpp_inoperative")
+            except Rejected:
+                pass
+
+    def unlock(self, connector_id: int) -> str:
+        if connector_id not in self.port.connectors:
+            return "NotSupported"
+        assert self.tracker is not None
+        self.tracker.stop(connector_id, "UnlockCommand")
+        return "NotSupported"  # no cable lock actuator in the HAL: the transaction is stopped
+
+    # ------------------------------------------------------------------ firmware and diagnostics
+
+    def start_background(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def update_firmware(self, location: str, retrieve_date: str, retries: int, retry_interval: int) -> None:
+        install = self.port.install_firmware
+        when = datetime.fromisoformat(retrieve_date.replace("Z", "+00:00"))
+        await asyncio.sleep(max((when - datetime.now(timezone.utc)).total_seconds(), 0.0))
+
+        def progress(status: str) -> None:
+            self.firmware_status = status
+            self.send_volatile("FirmwareStatusNotification", {"status": status})
+
+        if install is None:
+            progress("DownloadFailed")
+            return
+        for attempt in range(max(retries, 1)):
+            try:
+                await install(location, progress)
+                return
+            except Exception as exc:
+                log.warning("ocpp_firmware_failed", attempt=attempt + 1, error=str(exc))
+                if attempt + 1 < retries:
+                    await asyncio.sleep(retry_interval)
+
+    def diagnostics_file_name(self) -> str | None:
+        if self.port.upload_diagnostics is None:
+            return None
+        return f"diagnostics-{self.cp_id}-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.tar.gz"
+
+    async def get_diagnostics(self, location: str, start: str | None, stop: str | None) -> None:
+        upload = self.port.upload_diagnostics
+        if upload is None:
+            return
+
+        def status(value: str) -> None:
+            self.diagnostics_status = value
+            self.send_volatile("DiagnosticsStatusNotification", {"status": value})
+
+        status("Uploading")
+        try:
+            await upload(location, start, stop)
+        except Exception as exc:
+            log.warning("ocpp_diagnostics_failed", error=str(exc))
+            status("UploadFailed")
+            return
+        status("Uploaded")
+
+    # ------------------------------------------------------------------ persistence
+
+    def _persist_setting(self, key: str, value: str) -> None:
+        stored = {k: v for k, v in self.settings._values.items() if v != self.settings.defs[k].default}
+        stored[key] = value
+        self.start_background(self.journal.kv_set(SETTINGS_KEY, stored))
+
+    def _setting_changed(self, key: str, _value: str) -> None:
+        if key in ("WebSocketPingInterval",):
+            log.info("ocpp_setting_applies_on_reconnect", key=key)
+
+    async def _persist_profiles(self, profiles: list[dict[str, Any]]) -> None:
+        await self.journal.kv_set(PROFILES_KEY, profiles)
+
