@@ -1,0 +1,175 @@
+"""OCPP 1.6-J end to end: the agent against the local CSMS (every frame schema-validated both
+ways) with the Tellus channel beside it.
+
+Scenario (about 45 s, shared by the tests of this module): boot; plug-in -> Preparing;
+Get/ChangeConfiguration, TriggerMessage, DataTransfer, malformed frames; a Tellus
+``start_charging`` (refused: sessions belong to OCPP); RemoteStartTransaction ->
+StartTransaction; MeterValues every 5 s; RemoteStopTransaction -> StopTransaction;
+SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+from ocpp.v16 import call
+
+from agent.emulator import RequestKind
+from tests.e2e.ocpp_harness import CP_ID, OcppRig, run_ocpp_scenario
+
+pytestmark = pytest.mark.slow
+
+REMOTE_TAG = "REMOTE-TAG-1"
+RESULTS: dict[str, Any] = {}
+
+
+async def scenario(rig: OcppRig) -> OcppRig:
+    cs = rig.cs
+    await rig.start()
+    await rig.booted()
+    await rig.plugged()
+    await rig.until("Preparing on connector 1", lambda: any(p["connectorId"] == 1 and p["status"] == "Preparing" for p in rig.payloads("StatusNotification")))
+
+    RESULTS["config_all"] = await cs.call(CP_ID, call.GetConfiguration())
+    RESULTS["config_some"] = await cs.call(CP_ID, call.GetConfiguration(key=["NumberOfConnectors", "NoSuchKey"]))
+    RESULTS["change_heartbeat"] = await cs.call(CP_ID, call.ChangeConfiguration(key="HeartbeatInterval", value="120"))
+    RESULTS["change_unknown"] = await cs.call(CP_ID, call.ChangeConfiguration(key="NoSuchKey", value="1"))
+    RESULTS["change_readonly"] = await cs.call(CP_ID, call.ChangeConfiguration(key="NumberOfConnectors", value="5"))
+    RESULTS["change_bad_value"] = await cs.call(CP_ID, call.ChangeConfiguration(key="MeterValueSampleInterval", value="soon"))
+    RESULTS["change_interval"] = await cs.call(CP_ID, call.ChangeConfiguration(key="MeterValueSampleInterval", value="5"))
+    RESULTS["config_after"] = await cs.call(CP_ID, call.GetConfiguration(key=["HeartbeatInterval", "MeterValueSampleInterval"]))
+
+    before = len(rig.payloads("StatusNotification"))
+    RESULTS["trigger"] = await cs.call(CP_ID, call.TriggerMessage(requested_message="StatusNotification", connector_id=1))
+    await rig.until("the triggered StatusNotification", lambda: len(rig.payloads("StatusNotification")) > before, timeout=10)
+    RESULTS["triggered"] = rig.payloads("StatusNotification", before)
+    RESULTS["data_transfer"] = await cs.call(CP_ID, call.DataTransfer(vendor_id="com.example.unknown", message_id="x", data="y"))
+
+    # malformed frames: each answered with a CALLERROR, the channel keeps running
+    RESULTS["missing_id_tag"] = await cs.send_raw(CP_ID, json.dumps([2, "bad-1", "RemoteStartTransaction", {"connectorId": 1}]), "bad-1")
+    RESULTS["wrong_type"] = await cs.send_raw(CP_ID, json.dumps([2, "bad-2", "RemoteStartTransaction", {"idTag": 42}]), "bad-2")
+    RESULTS["unknown_action"] = await cs.send_raw(CP_ID, json.dumps([2, "bad-3", "MakeCoffee", {}]), "bad-3")
+    RESULTS["no_payload"] = await cs.send_raw(CP_ID, json.dumps([2, "bad-4", "Reset"]), "bad-4")
+
+    tellus_start = rig.emulator.queue_command(command="start_charging", connector_id=1, params={"transaction_id": "tellus-1"}, command_id="tellus-start")
+    await rig.status_reached(tellus_start, "rejected", "failed", "accepted")
+
+    RESULTS["remote_start"] = await cs.call(CP_ID, call.RemoteStartTransaction(id_tag=REMOTE_TAG, connector_id=1))
+    await rig.until("StartTransaction", lambda: rig.payloads("StartTransaction"), timeout=40)
+    await rig.until("three MeterValues", lambda: len(rig.payloads("MeterValues")) >= 3, timeout=30)
+    tx_id = await rig.until("the transactionId", lambda: _tx_id(rig), timeout=10)
+    RESULTS["remote_stop_unknown"] = await cs.call(CP_ID, call.RemoteStopTransaction(transaction_id=tx_id + 999))
+    RESULTS["remote_stop"] = await cs.call(CP_ID, call.RemoteStopTransaction(transaction_id=tx_id))
+    await rig.until("StopTransaction", lambda: rig.payloads("StopTransaction"), timeout=20)
+    await rig.until("the Tellus charging record", lambda: rig.records(), timeout=20)
+    await asyncio.sleep(2.0)  # anything sent twice would arrive now
+    await rig.sigterm()
+    return rig
+
+
+def _tx_id(rig: OcppRig) -> int | None:
+    for frame in rig.cs.frames:
+        msg = frame.message
+        if frame.direction == "out" and msg and msg[0] == 3 and isinstance(msg[2], dict) and "transactionId" in msg[2]:
+            return int(msg[2]["transactionId"])
+    return None
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory: pytest.TempPathFactory) -> OcppRig:
+    RESULTS.clear()
+    return run_ocpp_scenario(tmp_path_factory, "e2e-ocpp-session", scenario)
+
+
+def test_every_frame_valid_and_boot_first(rig: OcppRig) -> None:
+    assert rig.cs.violations == []
+    assert rig.cs.calls[0].action == "BootNotification"
+    boot = rig.cs.calls[0].payload
+    assert boot["chargePointSerialNumber"] == CP_ID and boot["chargePointModel"]
+
+
+def test_status_notifications_include_connector_zero_and_preparing(rig: OcppRig) -> None:
+    statuses = rig.payloads("StatusNotification")
+    assert {p["connectorId"] for p in statuses} >= {0, 1, 2}
+    one = [p["status"] for p in statuses if p["connectorId"] == 1]
+    assert "Preparing" in one and "Charging" in one
+    assert one.index("Preparing") < one.index("Charging")
+    assert all(p["errorCode"] == "NoError" for p in statuses if p["connectorId"] == 0)
+
+
+def test_get_and_change_configuration(rig: OcppRig) -> None:
+    keys = {k["key"]: k for k in RESULTS["config_all"].configuration_key}
+    for key in ("HeartbeatInterval", "MeterValueSampleInterval", "NumberOfConnectors", "AuthorizeRemoteTxRequests",
+                "LocalAuthorizeOffline", "MeterValuesSampledData", "ConnectionTimeOut", "TransactionMessageAttempts"):
+        assert key in keys, key
+    assert keys["NumberOfConnectors"]["readonly"] is True and keys["NumberOfConnectors"]["value"] == "2"
+    assert keys["HeartbeatInterval"]["readonly"] is False
+    assert "AuthorizationKey" not in keys  # write-only
+    assert RESULTS["config_some"].unknown_key == ["NoSuchKey"]
+    assert RESULTS["change_heartbeat"].status == "Accepted"
+    assert RESULTS["change_unknown"].status == "NotSupported"
+    assert RESULTS["change_readonly"].status == "Rejected"
+    assert RESULTS["change_bad_value"].status == "Rejected"
+    assert RESULTS["change_interval"].status == "Accepted"
+    after = {k["key"]: k["value"] for k in RESULTS["config_after"].configuration_key}
+    assert after == {"HeartbeatInterval": "120", "MeterValueSampleInterval": "5"}
+
+
+def test_trigger_message_and_data_transfer(rig: OcppRig) -> None:
+    assert RESULTS["trigger"].status == "Accepted"
+    assert [p["connectorId"] for p in RESULTS["triggered"]][:1] == [1]
+    assert RESULTS["data_transfer"].status == "UnknownVendorId"
+
+
+def test_malformed_calls_get_callerrors(rig: OcppRig) -> None:
+    for name in ("missing_id_tag", "wrong_type", "unknown_action", "no_payload"):
+        frame = RESULTS[name]
+        assert frame[0] == 4, (name, frame)
+    assert RESULTS["missing_id_tag"][2] in ("OccurrenceConstraintViolation", "FormatViolation", "ProtocolError", "OccurenceConstraintViolation")
+    assert RESULTS["wrong_type"][2] in ("TypeConstraintViolation", "FormatViolation")
+    assert RESULTS["unknown_action"][2] in ("NotSupported", "NotImplemented")
+
+
+def test_tellus_start_is_refused_while_ocpp_owns_sessions(rig: OcppRig) -> None:
+    statuses = rig.command("tellus-start").statuses
+    assert [s.status for s in statuses] == ["rejected"]
+    assert "OCPP" in (statuses[0].message or "")
+
+
+def test_remote_start_to_stop_transaction(rig: OcppRig) -> None:
+    assert RESULTS["remote_start"].status == "Accepted"
+    starts = rig.payloads("StartTransaction")
+    assert len(starts) == 1 and starts[0]["idTag"] == REMOTE_TAG and starts[0]["connectorId"] == 1
+    tx_id = _tx_id(rig)
+    assert tx_id is not None
+    values = rig.payloads("MeterValues")
+    assert len(values) >= 3 and all(v["transactionId"] == tx_id for v in values)
+    registers = [
+        int(s["value"]) for v in values for mv in v["meterValue"] for s in mv["sampledValue"] if s.get("measurand") == "Energy.Active.Import.Register"
+    ]
+    assert registers == sorted(registers) and registers[0] >= starts[0]["meterStart"]
+    assert RESULTS["remote_stop_unknown"].status == "Rejected"
+    assert RESULTS["remote_stop"].status == "Accepted"
+    stops = rig.payloads("StopTransaction")
+    assert len(stops) == 1
+    stop = stops[0]
+    assert stop["transactionId"] == tx_id and stop["reason"] == "Remote"
+    assert stop["meterStop"] >= starts[0]["meterStart"] and stop["meterStop"] >= max(registers)
+
+
+def test_meter_values_every_five_seconds(rig: OcppRig) -> None:
+    calls = rig.cs.calls_of("MeterValues")
+    gaps = [b.at - a.at for a, b in zip(calls, calls[1:])]
+    assert gaps and all(3.0 <= g <= 8.0 for g in gaps), gaps
+
+
+def test_tellus_record_carries_the_ocpp_transaction_id(rig: OcppRig) -> None:
+    records = rig.records()
+    assert len(records) == 1
+    assert records[0]["transaction_id"] == str(_tx_id(rig))
+    refused = [r for r in rig.rejected() if r.http_status != 0]  # 0: a long-poll closed at shutdown
+    assert not refused, [(r.kind, r.http_status) for r in refused]
+    assert any(r.accepted for r in rig.received(RequestKind.HEARTBEAT))
