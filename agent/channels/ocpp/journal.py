@@ -107,9 +107,9 @@ class Journal:
         self._conn = conn
 
     async def close(self) -> None:
-        if self._conn is not None:
-            await self._run(lambda c: c.close())
-            self._conn = None
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await asyncio.get_running_loop().run_in_executor(self._pool, conn.close)
         self._pool.shutdown(wait=True)
 
     async def _run(self, job: Callable[[sqlite3.Connection], T]) -> T:
