@@ -54,6 +54,19 @@ async def scenario(rig: OcppRig) -> OcppRig:
     RESULTS["unknown_action"] = await cs.send_raw(CP_ID, json.dumps([2, "bad-3", "MakeCoffee", {}]), "bad-3")
     RESULTS["no_payload"] = await cs.send_raw(CP_ID, json.dumps([2, "bad-4", "Reset"]), "bad-4")
 
+    # ChangeAvailability of the idle connector 2, local list, cache
+    RESULTS["inoperative"] = await cs.call(CP_ID, call.ChangeAvailability(connector_id=2, type="Inoperative"))
+    await rig.until("connector 2 Unavailable", lambda: _last_status(rig, 2) == "Unavailable", timeout=10)
+    RESULTS["operative"] = await cs.call(CP_ID, call.ChangeAvailability(connector_id=2, type="Operative"))
+    await rig.until("connector 2 Available again", lambda: _last_status(rig, 2) == "Available", timeout=10)
+    RESULTS["send_list"] = await cs.call(
+        CP_ID, call.SendLocalList(list_version=5, update_type="Full", local_authorization_list=[{"idTag": "LIST-1", "idTagInfo": {"status": "Accepted"}}])
+    )
+    RESULTS["list_version"] = await cs.call(CP_ID, call.GetLocalListVersion())
+    RESULTS["clear_cache"] = await cs.call(CP_ID, call.ClearCache())
+    RESULTS["unlock_unknown"] = await cs.call(CP_ID, call.UnlockConnector(connector_id=7))
+    RESULTS["tx_profile_no_tx"] = await cs.call(CP_ID, call.SetChargingProfile(connector_id=1, cs_charging_profiles=_profile("TxProfile", 20000)))
+
     tellus_start = rig.emulator.queue_command(command="start_charging", connector_id=1, params={"transaction_id": "tellus-1"}, command_id="tellus-start")
     await rig.status_reached(tellus_start, "rejected", "failed", "accepted")
 
@@ -61,13 +74,46 @@ async def scenario(rig: OcppRig) -> OcppRig:
     await rig.until("StartTransaction", lambda: rig.payloads("StartTransaction"), timeout=40)
     await rig.until("three MeterValues", lambda: len(rig.payloads("MeterValues")) >= 3, timeout=30)
     tx_id = await rig.until("the transactionId", lambda: _tx_id(rig), timeout=10)
+    RESULTS["set_profile"] = await cs.call(CP_ID, call.SetChargingProfile(connector_id=1, cs_charging_profiles=_profile("TxDefaultProfile", 15000)))
+    RESULTS["composite"] = await cs.call(CP_ID, call.GetCompositeSchedule(connector_id=1, duration=600, charging_rate_unit="W"))
+    await asyncio.sleep(1.5)
+    RESULTS["limit_with_profile"] = _limit_kw(rig, 1)
+    RESULTS["clear_profile"] = await cs.call(CP_ID, call.ClearChargingProfile(id=7))
+    await asyncio.sleep(1.5)
+    RESULTS["limit_after_clear"] = _limit_kw(rig, 1)
     RESULTS["remote_stop_unknown"] = await cs.call(CP_ID, call.RemoteStopTransaction(transaction_id=tx_id + 999))
     RESULTS["remote_stop"] = await cs.call(CP_ID, call.RemoteStopTransaction(transaction_id=tx_id))
     await rig.until("StopTransaction", lambda: rig.payloads("StopTransaction"), timeout=20)
     await rig.until("the Tellus charging record", lambda: rig.records(), timeout=20)
     await asyncio.sleep(2.0)  # anything sent twice would arrive now
-    await rig.sigterm()
+    RESULTS["reset"] = await cs.call(CP_ID, call.Reset(type="Soft"))
+    run = rig.run
+    RESULTS["reset_exit"] = await asyncio.wait_for(run.proc.wait(), 40)
+    run.exit_code = RESULTS["reset_exit"]
     return rig
+
+
+def _profile(purpose: str, watts: float) -> dict[str, Any]:
+    return {
+        "chargingProfileId": 7,
+        "stackLevel": 1,
+        "chargingProfilePurpose": purpose,
+        "chargingProfileKind": "Relative",
+        "chargingSchedule": {"chargingRateUnit": "W", "chargingSchedulePeriod": [{"startPeriod": 0, "limit": watts}]},
+    }
+
+
+def _last_status(rig: OcppRig, connector: int) -> str | None:
+    found = [p["status"] for p in rig.payloads("StatusNotification") if p["connectorId"] == connector]
+    return found[-1] if found else None
+
+
+def _limit_kw(rig: OcppRig, connector: int) -> float | None:
+    status = json.loads((rig.state_dir / "status.json").read_text())
+    for c in status.get("connectors", []):
+        if c["id"] == connector:
+            return float(c["limit_kw"])
+    return None
 
 
 def _tx_id(rig: OcppRig) -> int | None:
@@ -164,6 +210,28 @@ def test_meter_values_every_five_seconds(rig: OcppRig) -> None:
     calls = rig.cs.calls_of("MeterValues")
     gaps = [b.at - a.at for a, b in zip(calls, calls[1:])]
     assert gaps and all(3.0 <= g <= 8.0 for g in gaps), gaps
+
+
+def test_availability_local_list_cache_unlock(rig: OcppRig) -> None:
+    assert RESULTS["inoperative"].status == "Accepted" and RESULTS["operative"].status == "Accepted"
+    assert RESULTS["send_list"].status == "Accepted" and RESULTS["list_version"].list_version == 5
+    assert RESULTS["clear_cache"].status == "Accepted"
+    assert RESULTS["unlock_unknown"].status == "NotSupported"
+
+
+def test_charging_profiles_feed_the_connector_limit(rig: OcppRig) -> None:
+    assert RESULTS["tx_profile_no_tx"].status == "Rejected"  # no transaction to attach it to
+    assert RESULTS["set_profile"].status == "Accepted"
+    composite = RESULTS["composite"]
+    assert composite.status == "Accepted" and composite.charging_schedule["charging_schedule_period"][0]["limit"] == 15000
+    assert RESULTS["limit_with_profile"] == 15.0
+    assert RESULTS["clear_profile"].status == "Accepted"
+    assert RESULTS["limit_after_clear"] is not None and RESULTS["limit_after_clear"] > 15.0
+
+
+def test_soft_reset_restarts_the_agent(rig: OcppRig) -> None:
+    assert RESULTS["reset"].status == "Accepted"
+    assert RESULTS["reset_exit"] == 0
 
 
 def test_tellus_record_carries_the_ocpp_transaction_id(rig: OcppRig) -> None:

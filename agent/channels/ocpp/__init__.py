@@ -75,6 +75,7 @@ async def start_ocpp(agent: Any) -> OcppService | None:
     if cfg is None or not cfg.enabled:
         return None
     from agent import __version__
+    from agent.channels.ocpp.services import diagnostics_uploader, firmware_installer
     from agent.channels.ocpp.v16.channel import OcppV16Channel
 
     state_dir = Path(agent.cfg.charger.state_dir)
@@ -95,6 +96,8 @@ async def start_ocpp(agent: Any) -> OcppService | None:
         faults=agent.faults,
         free_vend=agent.cfg.charging.autostart,
         request_restart=request_restart,
+        install_firmware=firmware_installer(agent.firmware) if agent.firmware is not None else None,
+        upload_diagnostics=diagnostics_uploader(agent),
         readers=_readers(agent),
     )
     journal = await Journal.open(state_dir)
