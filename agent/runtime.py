@@ -191,7 +191,7 @@ class Agent:
                 **diagnostic_specs(self),
                 "firmware_upgrade": firmware_command_spec(self.firmware),
             }
-            specs = tellus_command_specs(specs, cfg.ocpp)
+            specs = tellus_command_specs(specs, self)
             self.dispatcher = Dispatcher(self.store.ledger, self.reporter, self.connectors, specs)
             self._tasks = [asyncio.create_task(self._housekeeping(), name="housekeeping")]
             status_writer = StatusWriter(status_path(state_dir), 1.0, self.status_snapshot)
@@ -696,8 +696,6 @@ class Agent:
             }
 
     async def force_reconnect(self) -> bool:
-        if self.ocpp is not None:
-            await self.ocpp.force_reconnect()
         if self.uplink is None:
             return False
         await self.uplink.force_reconnect()

@@ -119,6 +119,7 @@ class CentralChargePoint(OcppChargePoint):
         status = self.csms.boot_status
         if self.station is not None and status == "Accepted":
             self.station.booted = True
+            self.csms.accepted_ids.add(self.id)
         return call_result.BootNotification(current_time=_now(), interval=self.csms.heartbeat_interval, status=status)
 
     @on(Action.heartbeat)
@@ -183,6 +184,8 @@ class Csms:
         self.calls: list[ReceivedCall] = []
         self.violations: list[str] = []
         self.stations: dict[str, Station] = {}
+        self.accepted_ids: set[str] = set()  # booted once: a reconnect needs no new boot
+        self.connects = 0
         self.upgrade_attempts: list[float] = []
         self.refused_until = 0.0
         self.refuse_transactions = False
@@ -272,7 +275,8 @@ class Csms:
             await connection.close(code=1002, reason="ocpp1.6 required")
             return
         cp = CentralChargePoint(cp_id, _Recorder(connection, self, cp_id), self)
-        station = Station(cp_id, connection, cp)
+        station = Station(cp_id, connection, cp, booted=cp_id in self.accepted_ids)
+        self.connects += 1
         cp.station = station
         self.stations[cp_id] = station
         log.info("csms_station_connected", cp_id=cp_id)

@@ -78,6 +78,14 @@ async def scenario(rig: OcppRig) -> OcppRig:
     RESULTS["composite"] = await cs.call(CP_ID, call.GetCompositeSchedule(connector_id=1, duration=600, charging_rate_unit="W"))
     await asyncio.sleep(1.5)
     RESULTS["limit_with_profile"] = _limit_kw(rig, 1)
+    limit_id = rig.emulator.queue_command(
+        command="set_power_limit", connector_id=1, params={"power_limit_percent": 25, "duration": 600}, command_id="tellus-limit"
+    )
+    await rig.status_reached(limit_id, "accepted", "completed", "rejected", "failed")
+    await asyncio.sleep(1.5)
+    RESULTS["limit_with_both"] = _limit_kw(rig, 1)
+    stop_id = rig.emulator.queue_command(command="stop_charging", connector_id=1, params={}, command_id="tellus-stop")
+    await rig.status_reached(stop_id, "rejected", "failed", "completed")
     RESULTS["clear_profile"] = await cs.call(CP_ID, call.ClearChargingProfile(id=7))
     await asyncio.sleep(1.5)
     RESULTS["limit_after_clear"] = _limit_kw(rig, 1)
@@ -86,6 +94,11 @@ async def scenario(rig: OcppRig) -> OcppRig:
     await rig.until("StopTransaction", lambda: rig.payloads("StopTransaction"), timeout=20)
     await rig.until("the Tellus charging record", lambda: rig.records(), timeout=20)
     await asyncio.sleep(2.0)  # anything sent twice would arrive now
+    boots, connects = len(rig.payloads("BootNotification")), cs.connects
+    reconnect_id = rig.emulator.queue_command(command="force_reconnect", params={"channel": "ocpp"}, command_id="tellus-reconnect")
+    await rig.status_reached(reconnect_id, "completed", "failed", "rejected", timeout=40)
+    RESULTS["boots_after_reconnect"] = len(rig.payloads("BootNotification")) - boots
+    RESULTS["connects_after_reconnect"] = cs.connects - connects
     RESULTS["reset"] = await cs.call(CP_ID, call.Reset(type="Soft"))
     run = rig.run
     RESULTS["reset_exit"] = await asyncio.wait_for(run.proc.wait(), 40)
@@ -179,10 +192,17 @@ def test_malformed_calls_get_callerrors(rig: OcppRig) -> None:
     assert RESULTS["unknown_action"][2] in ("NotSupported", "NotImplemented")
 
 
-def test_tellus_start_is_refused_while_ocpp_owns_sessions(rig: OcppRig) -> None:
-    statuses = rig.command("tellus-start").statuses
-    assert [s.status for s in statuses] == ["rejected"]
-    assert "OCPP" in (statuses[0].message or "")
+def test_tellus_start_and_stop_are_refused_while_ocpp_owns_sessions(rig: OcppRig) -> None:
+    for command_id in ("tellus-start", "tellus-stop"):
+        statuses = rig.command(command_id).statuses
+        assert [s.status for s in statuses] == ["rejected"]
+        assert "OCPP" in (statuses[0].message or "")
+
+
+def test_tellus_force_reconnect_rebuilds_the_ocpp_socket(rig: OcppRig) -> None:
+    assert rig.statuses("tellus-reconnect") == ["accepted", "completed"]
+    assert RESULTS["connects_after_reconnect"] == 1
+    assert RESULTS["boots_after_reconnect"] == 0  # a reconnect is not a reboot
 
 
 def test_remote_start_to_stop_transaction(rig: OcppRig) -> None:
@@ -225,8 +245,11 @@ def test_charging_profiles_feed_the_connector_limit(rig: OcppRig) -> None:
     composite = RESULTS["composite"]
     assert composite.status == "Accepted" and composite.charging_schedule["charging_schedule_period"][0]["limit"] == 15000
     assert RESULTS["limit_with_profile"] == 15.0
+    # a Tellus set_power_limit (25 % of 40 kW) combines with the OCPP profile: the lowest wins
+    assert rig.statuses("tellus-limit")[0] == "accepted"
+    assert RESULTS["limit_with_both"] == 10.0
     assert RESULTS["clear_profile"].status == "Accepted"
-    assert RESULTS["limit_after_clear"] is not None and RESULTS["limit_after_clear"] > 15.0
+    assert RESULTS["limit_after_clear"] == 10.0  # the platform limit stays
 
 
 def test_soft_reset_restarts_the_agent(rig: OcppRig) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 
@@ -117,11 +117,19 @@ def _readers(agent: Any) -> dict[int, Any]:
     return {c.id: SimulatedReader(Path(root) / "auth" / f"taps-{c.id}.jsonl") for c in agent.cfg.connectors}
 
 
-def tellus_command_specs(specs: dict[str, Any], ocpp: OcppSection | None) -> dict[str, Any]:
-    """With OCPP configured, Tellus ``start_charging``/``stop_charging`` are refused, saying why."""
+def tellus_command_specs(specs: dict[str, Any], agent: Any) -> dict[str, Any]:
+    """The Tellus commands as they are with an OCPP channel configured (platform-api §13).
+
+    * ``start_charging``/``stop_charging`` are refused with a message saying sessions belong
+      to OCPP; limits, pause and schedules stay (they combine with charging profiles);
+    * ``force_reconnect`` takes ``channel`` = ``platform`` | ``ocpp`` | ``all`` (default):
+      ``ocpp`` rebuilds the OCPP WebSocket and completes once the boot is accepted again.
+    """
+    ocpp: OcppSection | None = getattr(agent.cfg, "ocpp", None)
     if ocpp is None or not ocpp.enabled:
         return specs
     from agent.charging.connector import Rejected
+    from agent.commands.params import NoParams
 
     async def refuse(_ctx: Any) -> None:
         raise Rejected(OWNED_MESSAGE)
@@ -130,7 +138,44 @@ def tellus_command_specs(specs: dict[str, Any], ocpp: OcppSection | None) -> dic
     for name in SESSION_COMMANDS:
         if name in out:
             out[name] = dataclasses.replace(out[name], run=refuse)
+
+    class ForceReconnectParams(NoParams):
+        channel: Literal["platform", "ocpp", "all"] = "all"
+
+    original = out.get("force_reconnect")
+
+    async def force_reconnect(ctx: Any) -> None:
+        channel = ctx.params.channel
+        service: OcppService | None = agent.ocpp
+        if channel != "platform" and service is not None:
+            await service.force_reconnect()
+        if channel != "ocpp" and original is not None:
+            await original.run(ctx)
+            return
+        if service is None:
+            raise Rejected("params.channel: the OCPP channel is not running")
+        ctx.accepted("rebuilding the OCPP WebSocket")
+
+        async def wait_online() -> None:
+            deadline = asyncio.get_running_loop().time() + agent.cfg.diagnostics.reconnect_timeout_s
+            await asyncio.sleep(0.2)
+            while asyncio.get_running_loop().time() < deadline:
+                if service.online:
+                    ctx.completed("OCPP WebSocket rebuilt, boot accepted")
+                    return
+                await asyncio.sleep(0.1)
+            ctx.failed("OCPP channel not back within the timeout")
+
+        task = asyncio.create_task(wait_online(), name="ocpp-force-reconnect")
+        _BACKGROUND.add(task)
+        task.add_done_callback(_BACKGROUND.discard)
+
+    if original is not None:
+        out["force_reconnect"] = dataclasses.replace(original, params=ForceReconnectParams, run=force_reconnect)
     return out
+
+
+_BACKGROUND: set["asyncio.Task[None]"] = set()
 
 
 def status_block(service: OcppService | None) -> dict[str, Any] | None:

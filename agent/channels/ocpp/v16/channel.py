@@ -8,9 +8,10 @@ Connection contract:
 * reconnects back off exponentially from ``reconnect_min_s`` to ``reconnect_max_s`` with
   jitter (each delay a random 50-100 % of the exponential step), reset after a boot was
   accepted;
-* BootNotification first; Pending/Rejected are retried after the interval the CSMS gave
-  and nothing else is sent before Accepted (CALLs from the CSMS are answered while
-  Pending); then StatusNotification for connector 0 and every connector, Heartbeat every
+* BootNotification first after a start of the agent (not after a mere reconnect: a CSMS
+  may take a boot for a reboot and close open transactions); Pending/Rejected are retried
+  after the interval the CSMS gave and nothing else is sent before Accepted (CALLs from
+  the CSMS are answered while Pending); on every connection then StatusNotification for connector 0 and every connector, Heartbeat every
   ``HeartbeatInterval`` s, status changes as they happen;
 * transaction messages come from the journal, oldest first, one at a time: a CALLRESULT
   removes the message (a StartTransaction's transactionId commits with it); a CALLERROR
@@ -103,6 +104,7 @@ class OcppV16Channel:
         self._background: set[asyncio.Task[Any]] = set()
         self._ws: ClientConnection | None = None
         self._reconnect_now = asyncio.Event()
+        self._booted_once = False  # BootNotification once per process start, not per reconnect
         self.firmware_status = "Idle"
         self._pending_profile: tuple[int, dict[str, Any]] | None = None
         self.diagnostics_status = "Idle"
@@ -247,7 +249,7 @@ class OcppV16Channel:
         return await cp.call(payload, suppress=False)
 
     async def _online(self, cp: ChargePoint16) -> None:
-        while True:
+        while not self._booted_once:
             answer = await self._call(
                 call.BootNotification(
                     charge_point_vendor=self.port.vendor[:20],
@@ -260,11 +262,13 @@ class OcppV16Channel:
             if answer.status == "Accepted":
                 if answer.interval and answer.interval > 0:
                     self.settings.change("HeartbeatInterval", str(answer.interval))
+                log.info("ocpp_boot_accepted", charge_point_id=self.cp_id)
+                self._booted_once = True
                 break
             retry = answer.interval if answer.interval and answer.interval > 0 else self.cfg.boot_retry_s
             log.warning("ocpp_boot_not_accepted", status=answer.status, retry_s=retry)
             await asyncio.sleep(retry)
-        log.info("ocpp_boot_accepted", charge_point_id=self.cp_id)
+        log.info("ocpp_online", charge_point_id=self.cp_id)
         self._accepted.set()
         self._sent_status = {}
         await self._send_statuses(force=True)
