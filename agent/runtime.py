@@ -59,7 +59,7 @@ from agent.channels.tellus.telemetry import TelemetrySampler
 from agent.channels.tellus.auth import Identity, TokenManager
 from agent.channels.tellus.client import PlatformHttp
 from agent.channels.tellus.uplink import Uplink
-from agent.channels.ocpp import OcppService, start_ocpp, tellus_command_specs
+from agent.channels.ocpp import OcppService, start_ocpp, tellus_command_specs, with_ocpp_metadata
 from hal.context import BuildContext
 from hal.interfaces import DeviceSet, HealthState, Thermal
 
@@ -318,7 +318,7 @@ class Agent:
         self.samplers = {
             cid: TelemetrySampler(
                 c,
-                lambda body: self.store.outbox.put("telemetry", body),  # type: ignore[union-attr]
+                lambda body: self.store.outbox.put("telemetry", with_ocpp_metadata(self, body)),  # type: ignore[union-attr]
                 active_s=cfg.platform.telemetry_active_interval_s,
                 idle_s=cfg.platform.telemetry_idle_interval_s,
                 component_health=health.build if health is not None else None,

@@ -93,6 +93,7 @@ async def scenario(rig: OcppRig) -> OcppRig:
     RESULTS["remote_stop"] = await cs.call(CP_ID, call.RemoteStopTransaction(transaction_id=tx_id))
     await rig.until("StopTransaction", lambda: rig.payloads("StopTransaction"), timeout=20)
     await rig.until("the Tellus charging record", lambda: rig.records(), timeout=20)
+    RESULTS["status"] = json.loads((rig.state_dir / "status.json").read_text())
     await asyncio.sleep(2.0)  # anything sent twice would arrive now
     boots, connects = len(rig.payloads("BootNotification")), cs.connects
     reconnect_id = rig.emulator.queue_command(command="force_reconnect", params={"channel": "ocpp"}, command_id="tellus-reconnect")
@@ -140,7 +141,7 @@ def _tx_id(rig: OcppRig) -> int | None:
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> OcppRig:
     RESULTS.clear()
-    return run_ocpp_scenario(tmp_path_factory, "e2e-ocpp-session", scenario)
+    return run_ocpp_scenario(tmp_path_factory, "e2e-ocpp-session", scenario, extra="send_metadata = true")
 
 
 def test_every_frame_valid_and_boot_first(rig: OcppRig) -> None:
@@ -264,3 +265,18 @@ def test_tellus_record_carries_the_ocpp_transaction_id(rig: OcppRig) -> None:
     refused = [r for r in rig.rejected() if r.http_status != 0]  # 0: a long-poll closed at shutdown
     assert not refused, [(r.kind, r.http_status) for r in refused]
     assert any(r.accepted for r in rig.received(RequestKind.HEARTBEAT))
+
+
+def test_ocpp_metadata_in_status_and_telemetry(rig: OcppRig) -> None:
+    from agent.service.status import render_table
+
+    meta = RESULTS["status"]["ocpp"]
+    assert meta["ocpp_version"] == "1.6-J" and meta["connected"] is True
+    assert meta["ocpp_csms_messages_per_minute"] > 0 and meta["ocpp_csms_last_message_at"].endswith("Z")
+    assert {"Core", "SmartCharging", "FirmwareManagement", "RemoteTrigger", "LocalAuthListManagement"} <= set(meta["ocpp_negotiated_features"])
+    assert "OCPP" in render_table(RESULTS["status"]) and "1.6-J" in render_table(RESULTS["status"])
+    telemetry = [r for r in rig.received(RequestKind.TELEMETRY) if isinstance(r.body, dict)]
+    with_block = [r for r in telemetry if "ocpp" in r.body]
+    assert with_block and all(r.accepted for r in with_block)
+    assert all(r.body["connector_id"] == 1 for r in with_block)  # device-level: on the lowest connector only
+    assert set(with_block[-1].body["ocpp"]) <= {"ocpp_version", "ocpp_csms_messages_per_minute", "ocpp_csms_last_message_at", "ocpp_negotiated_features"}

@@ -30,7 +30,7 @@ from agent.channels.ocpp.journal import Journal
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["ChargerPort", "CsmsChannel", "OcppSection", "OcppService", "check_ocpp_url", "start_ocpp", "tellus_command_specs"]
+__all__ = ["ChargerPort", "CsmsChannel", "OcppSection", "OcppService", "check_ocpp_url", "start_ocpp", "tellus_command_specs", "with_ocpp_metadata"]
 
 SESSION_COMMANDS = ("start_charging", "stop_charging")
 OWNED_MESSAGE = "sessions belong to the OCPP channel on this charger (platform-api §13): start and stop them through the CSMS"
@@ -178,6 +178,20 @@ def tellus_command_specs(specs: dict[str, Any], agent: Any) -> dict[str, Any]:
 _BACKGROUND: set["asyncio.Task[None]"] = set()
 
 
-def status_block(service: OcppService | None) -> dict[str, Any] | None:
-    return None if service is None else service.metadata()
+METADATA_FIELDS = ("ocpp_version", "ocpp_csms_messages_per_minute", "ocpp_csms_last_message_at", "ocpp_negotiated_features")
+
+
+def with_ocpp_metadata(agent: Any, body: dict[str, Any]) -> dict[str, Any]:
+    """A telemetry body plus the optional ``ocpp`` block (platform-api §14.3, gap G16).
+
+    Only with ``[ocpp] send_metadata = true``, only on the lowest connector's telemetry (the
+    values are per charger, as device-wide faults go on the lowest connector, gap G9), and
+    only the four proposed fields; absent values are left out.
+    """
+    service: OcppService | None = getattr(agent, "ocpp", None)
+    cfg: OcppSection | None = getattr(agent.cfg, "ocpp", None)
+    if service is None or cfg is None or not cfg.send_metadata or body.get("connector_id") != min(agent.connectors, default=None):
+        return body
+    meta = service.metadata()
+    return {**body, "ocpp": {k: meta[k] for k in METADATA_FIELDS if meta.get(k) is not None}}
 

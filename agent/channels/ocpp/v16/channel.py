@@ -85,7 +85,7 @@ class OcppV16Channel:
         self.port = port
         self.journal = journal
         self.cp_id = cfg.charge_point_id or port.serial_number
-        self.metrics = ChannelMetrics("1.6")
+        self.metrics = ChannelMetrics("1.6-J")
         self.metrics.features = list(PROFILES)
         self.settings: Settings = Settings(len(port.connectors), PROFILES, {}, self._persist_setting)
         self.auth = Authorizer(journal, self.settings)
