@@ -117,6 +117,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.ocpp:
+        from agent.cli.demo_ocpp import run_ocpp_demo
+
+        return int(asyncio.run(run_ocpp_demo(Path(args.config), duration_s=min(args.duration, 20.0))))
     from agent.cli.demo import run_demo
 
     return int(asyncio.run(run_demo(Path(args.config), duration_s=args.duration)))
@@ -168,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="emulator + agent on simulated hardware, with a live display")
     p.add_argument("--config", "-c", default="config/sim.toml")
     p.add_argument("--duration", type=float, default=25.0, help="seconds of charging before the stop command")
+    p.add_argument("--ocpp", action="store_true", help="the OCPP 1.6-J channel against a local CSMS: card tap, transaction, remote stop")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -71,11 +71,9 @@ def connector_status(
     if state == "unavailable" or (inoperative and state in ("idle", "vehicle_connected")):
         return "Unavailable"
     if state in ("charging", "discharging"):
-        if limit_kw <= 0.0:
-            return "SuspendedEVSE"
-        if power_kw is not None and abs(power_kw) < 0.05:
-            return "SuspendedEV"
-        return "Charging"
+        # SuspendedEVSE while our limit is zero (pause, a zero profile); no SuspendedEV from
+        # the power alone: every ramp-up would flap Charging/SuspendedEV at the CSMS
+        return "SuspendedEVSE" if limit_kw <= 0.0 else "Charging"
     if state == "finishing" or (state == "vehicle_connected" and finishing):
         return "Finishing"
     if state in ("preparing", "vehicle_connected"):
