@@ -137,7 +137,9 @@ class CentralChargePoint(OcppChargePoint):
         return call_result.Authorize(id_tag_info={"status": self.csms.tag_status(id_tag)})
 
     @on(Action.start_transaction)
-    def on_start(self, id_tag: str, **_: Any) -> Any:
+    async def on_start(self, id_tag: str, **_: Any) -> Any:
+        if self.csms.hold_transactions is not None:
+            await self.csms.hold_transactions.wait()
         if self.csms.refuse_transactions:
             raise OCPPError_internal()
         return call_result.StartTransaction(transaction_id=next(self.csms._tx_ids), id_tag_info={"status": self.csms.tag_status(id_tag)})
@@ -189,6 +191,7 @@ class Csms:
         self.upgrade_attempts: list[float] = []
         self.refused_until = 0.0
         self.refuse_transactions = False
+        self.hold_transactions: asyncio.Event | None = None  # StartTransaction answers wait for it
         self.rejected_tags: set[str] = set()
         self._tx_ids = itertools.count(1001)
         self._server: Server | None = None
