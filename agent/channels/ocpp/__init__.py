@@ -107,14 +107,26 @@ async def start_ocpp(agent: Any) -> OcppService | None:
 
 
 def _readers(agent: Any) -> dict[int, Any]:
-    """ID-token readers of the simulator (taps injected through its control endpoint)."""
-    sim = getattr(agent, "simulator", None)
-    root = getattr(sim, "root", None)
-    if root is None:
-        return {}
-    from hal.auth.sim import SimulatedReader
+    """The ID-token readers: ``[ocpp] readers``, or a simulated one per connector with the
+    in-process simulator (taps injected through its control endpoint)."""
+    cfg: OcppSection = agent.cfg.ocpp
+    root = getattr(getattr(agent, "simulator", None), "root", None)
+    entries = [(r.connector, r.driver, r.reader_name) for r in cfg.readers]
+    if not entries and root is not None:
+        entries = [(c.id, "sim", None) for c in agent.cfg.connectors]
+    readers: dict[int, Any] = {}
+    for connector, driver, name in entries:
+        if driver == "sim":
+            if root is None:
+                continue
+            from hal.auth.sim import SimulatedReader
 
-    return {c.id: SimulatedReader(Path(root) / "auth" / f"taps-{c.id}.jsonl") for c in agent.cfg.connectors}
+            readers[connector] = SimulatedReader(Path(root) / "auth" / f"taps-{connector}.jsonl")
+        else:
+            from hal.auth.pcsc import PcscReader
+
+            readers[connector] = PcscReader(name)
+    return readers
 
 
 def tellus_command_specs(specs: dict[str, Any], agent: Any) -> dict[str, Any]:

@@ -31,6 +31,14 @@ def check_ocpp_url(value: str) -> str:
     return value.rstrip("/")
 
 
+class ReaderConfig(StrictModel):
+    """An ID-token reader for one connector (hal.auth)."""
+
+    connector: int = Field(..., ge=1)
+    driver: Literal["pcsc", "sim"] = "pcsc"
+    reader_name: str | None = Field(None, min_length=1, description="PC/SC reader name (a substring); default: any reader")
+
+
 class OcppSection(StrictModel):
     enabled: bool = True
     version: Literal["1.6"] = "1.6"
@@ -46,6 +54,7 @@ class OcppSection(StrictModel):
     boot_retry_s: float = Field(30.0, ge=1.0, le=3600.0, description="BootNotification retry when the CSMS gives no interval")
     free_vend_id_tag: str = Field("FreeVend", min_length=1, max_length=20, description="idTag of sessions started by [charging] autostart")
     send_metadata: bool = Field(False, description="add the optional ocpp block to platform telemetry")
+    readers: list[ReaderConfig] = Field([], description="ID-token readers; none given + in-process simulator: a simulated one per connector")
 
     @field_validator("url")
     @classmethod

@@ -302,8 +302,9 @@ class OcppV16Channel:
         finishing = self.tracker.finishing if self.tracker is not None else set()
         for cid, c in self.port.connectors.items():
             reading = c.hw.meter.reading()
+            waiting = self.tracker is not None and cid in self.tracker.pending and c.state.value == "idle"
             status = connector_status(
-                c.state.value,
+                "vehicle_connected" if waiting else c.state.value,
                 finishing=cid in finishing,
                 inoperative=cid in self.inoperative,
                 power_kw=reading.power_kw if reading is not None else None,
@@ -408,8 +409,12 @@ class OcppV16Channel:
     async def _local_loop(self) -> None:
         """Charging profiles (every second), persisted state, ID-token taps."""
         taps = [asyncio.create_task(self._reader_loop(cid, r), name=f"ocpp-reader-{cid}") for cid, r in self.port.readers.items()]
+        ticks = 0
         try:
             while True:
+                if ticks % 3600 == 0:
+                    await self.journal.purge_closed()
+                ticks += 1
                 pending = self._pending_profile
                 if pending is not None and self._tx_start(pending[0]) is not None:
                     self._pending_profile = None
@@ -422,6 +427,9 @@ class OcppV16Channel:
                 await cancel_quietly(task)
 
     async def _reader_loop(self, connector_id: int, reader: Any) -> None:
+        start = getattr(reader, "start", None)
+        if start is not None:
+            await start()
         while True:
             token = await reader.next_tap()
             try:

@@ -47,6 +47,7 @@ class PendingStart:
     id_tag: str
     expires: float  # monotonic
     remote: bool
+    requested_at: float | None = None  # when the connector was asked to start
 
 
 def sampled_values(connector: Connector, measurands: list[str], context: str, floor_wh: int = 0) -> list[dict[str, Any]]:
@@ -191,12 +192,20 @@ class TxTracker:
             self.finishing.discard(cid)
         pending = self.pending.get(cid)
         if pending is not None and session is None:
-            if self.clock() > pending.expires:
+            if pending.requested_at is not None:
+                # asked to start: the session appears after preparation; back to connected
+                # without one means the preparation failed (the authorisation is used up)
+                if not connector.in_session() and self.clock() - pending.requested_at > 3.0:
+                    del self.pending[cid]
+                    if self.on_start_failed is not None:
+                        self.on_start_failed(cid, pending.id_tag, "the session did not start")
+            elif self.clock() > pending.expires:
                 del self.pending[cid]
                 log.info("ocpp_start_timed_out", connector=cid, id_tag=pending.id_tag)
             elif connector.state.value == "vehicle_connected" and not connector.in_session():
                 try:
                     connector.request_start(SessionRequest(start_reason="remote_start" if pending.remote else "local_auth"))
+                    pending.requested_at = self.clock()
                 except Rejected as exc:
                     del self.pending[cid]
                     if self.on_start_failed is not None:

@@ -86,3 +86,11 @@ def test_settings_change_rules_and_persistence() -> None:
 def test_stored_readonly_or_invalid_values_are_ignored() -> None:
     s = Settings(2, ["Core"], {"NumberOfConnectors": "9", "HeartbeatInterval": "x"}, lambda k, v: None)
     assert s.get_int("NumberOfConnectors") == 2 and s.get_int("HeartbeatInterval") == 300
+
+
+def test_readers_cross_checked_against_connectors(tmp_path: Path) -> None:
+    ok = load_config(_config(tmp_path, '[ocpp]\nurl = "ws://127.0.0.1:1/o"\nreaders = [{ connector = 1, driver = "pcsc", reader_name = "ACR122" }]'))
+    assert ok.model.ocpp is not None and ok.model.ocpp.readers[0].reader_name == "ACR122"
+    with pytest.raises(ConfigError) as err:
+        load_config(_config(tmp_path, '[ocpp]\nurl = "ws://127.0.0.1:1/o"\nreaders = [{ connector = 9 }]'))
+    assert any("ocpp.readers[0].connector: expected one of the connector ids [1, 2], got 9" in p for p in err.value.problems)
