@@ -282,7 +282,7 @@ class SimulatedCharger:
             cid = int(request.match_info["cid"])
             if cid not in self.world.connectors:
                 return web.json_response({"ok": False, "error": f"connector: unknown id {cid}"}, status=400)
-            self.world.connector(cid).vehicle.plugged = request.path.endswith("plug")
+            self.world.connector(cid).vehicle.plugged = not request.path.endswith("unplug")  # "unplug" ends in "plug" too
             return web.json_response({"ok": True})
 
         async def v2g(request: web.Request) -> web.Response:

@@ -23,6 +23,7 @@ from tests.e2e.ocpp_harness import CP_ID, OcppRig, run_ocpp_scenario
 pytestmark = pytest.mark.slow
 
 REMOTE_TAG = "REMOTE-TAG-1"
+TAP_TAG = "04A1B2C3D4E5F6"
 RESULTS: dict[str, Any] = {}
 
 
@@ -95,6 +96,21 @@ async def scenario(rig: OcppRig) -> OcppRig:
     await rig.until("the Tellus charging record", lambda: rig.records(), timeout=20)
     RESULTS["status"] = json.loads((rig.state_dir / "status.json").read_text())
     await asyncio.sleep(2.0)  # anything sent twice would arrive now
+    RESULTS["first_records"] = rig.records()
+
+    # second transaction: RemoteStart before the plug-in (Preparing while waiting), a tap of
+    # the same card on the simulated reader stops it (reason Local)
+    assert (await rig.control("/vehicle/1/unplug"))["ok"]
+    await rig.until("connector 1 Available after unplug", lambda: _last_status(rig, 1) == "Available", timeout=15)
+    RESULTS["remote_start_unplugged"] = await cs.call(CP_ID, call.RemoteStartTransaction(id_tag=TAP_TAG, connector_id=1))
+    await rig.until("Preparing while waiting for the plug", lambda: _last_status(rig, 1) == "Preparing", timeout=10)
+    assert (await rig.control("/vehicle/1/plug"))["ok"]
+    await rig.until("the second StartTransaction", lambda: len(rig.payloads("StartTransaction")) >= 2, timeout=40)
+    await rig.until("charging again", lambda: _last_status(rig, 1) == "Charging", timeout=20)
+    assert (await rig.control("/auth/1/tap", {"id_tag": TAP_TAG}))["ok"]
+    await rig.until("the second StopTransaction", lambda: len(rig.payloads("StopTransaction")) >= 2, timeout=20)
+    await rig.until("the second Tellus record", lambda: len(rig.records()) >= 2, timeout=20)
+
     boots, connects = len(rig.payloads("BootNotification")), cs.connects
     reconnect_id = rig.emulator.queue_command(command="force_reconnect", params={"channel": "ocpp"}, command_id="tellus-reconnect")
     await rig.status_reached(reconnect_id, "completed", "failed", "rejected", timeout=40)
@@ -209,10 +225,10 @@ def test_tellus_force_reconnect_rebuilds_the_ocpp_socket(rig: OcppRig) -> None:
 def test_remote_start_to_stop_transaction(rig: OcppRig) -> None:
     assert RESULTS["remote_start"].status == "Accepted"
     starts = rig.payloads("StartTransaction")
-    assert len(starts) == 1 and starts[0]["idTag"] == REMOTE_TAG and starts[0]["connectorId"] == 1
+    assert len(starts) == 2 and starts[0]["idTag"] == REMOTE_TAG and starts[0]["connectorId"] == 1
     tx_id = _tx_id(rig)
     assert tx_id is not None
-    values = rig.payloads("MeterValues")
+    values = [v for v in rig.payloads("MeterValues") if v["transactionId"] == tx_id]
     assert len(values) >= 3 and all(v["transactionId"] == tx_id for v in values)
     registers = [
         int(s["value"]) for v in values for mv in v["meterValue"] for s in mv["sampledValue"] if s.get("measurand") == "Energy.Active.Import.Register"
@@ -220,7 +236,7 @@ def test_remote_start_to_stop_transaction(rig: OcppRig) -> None:
     assert registers == sorted(registers) and registers[0] >= starts[0]["meterStart"]
     assert RESULTS["remote_stop_unknown"].status == "Rejected"
     assert RESULTS["remote_stop"].status == "Accepted"
-    stops = rig.payloads("StopTransaction")
+    stops = [s for s in rig.payloads("StopTransaction") if s["transactionId"] == tx_id]
     assert len(stops) == 1
     stop = stops[0]
     assert stop["transactionId"] == tx_id and stop["reason"] == "Remote"
@@ -228,7 +244,7 @@ def test_remote_start_to_stop_transaction(rig: OcppRig) -> None:
 
 
 def test_meter_values_every_five_seconds(rig: OcppRig) -> None:
-    calls = rig.cs.calls_of("MeterValues")
+    calls = [c for c in rig.cs.calls_of("MeterValues") if c.payload["transactionId"] == _tx_id(rig)]
     gaps = [b.at - a.at for a, b in zip(calls, calls[1:])]
     assert gaps and all(3.0 <= g <= 8.0 for g in gaps), gaps
 
@@ -259,9 +275,10 @@ def test_soft_reset_restarts_the_agent(rig: OcppRig) -> None:
 
 
 def test_tellus_record_carries_the_ocpp_transaction_id(rig: OcppRig) -> None:
-    records = rig.records()
+    records = RESULTS["first_records"]
     assert len(records) == 1
     assert records[0]["transaction_id"] == str(_tx_id(rig))
+    assert len(rig.records()) == 2 and len({r["transaction_id"] for r in rig.records()}) == 2
     refused = [r for r in rig.rejected() if r.http_status != 0]  # 0: a long-poll closed at shutdown
     assert not refused, [(r.kind, r.http_status) for r in refused]
     assert any(r.accepted for r in rig.received(RequestKind.HEARTBEAT))
@@ -280,3 +297,12 @@ def test_ocpp_metadata_in_status_and_telemetry(rig: OcppRig) -> None:
     assert with_block and all(r.accepted for r in with_block)
     assert all(r.body["connector_id"] == 1 for r in with_block)  # device-level: on the lowest connector only
     assert set(with_block[-1].body["ocpp"]) <= {"ocpp_version", "ocpp_csms_messages_per_minute", "ocpp_csms_last_message_at", "ocpp_negotiated_features"}
+
+
+def test_remote_start_before_plug_in_and_tap_to_stop(rig: OcppRig) -> None:
+    assert RESULTS["remote_start_unplugged"].status == "Accepted"
+    second = rig.payloads("StartTransaction")[1]
+    assert second["idTag"] == TAP_TAG
+    stops = rig.payloads("StopTransaction")
+    assert len(stops) == 2 and stops[1]["reason"] == "Local" and stops[1]["transactionId"] != stops[0]["transactionId"]
+    assert stops[1]["meterStop"] >= second["meterStart"]

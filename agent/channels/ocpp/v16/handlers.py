@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any
 
 import structlog
@@ -24,6 +25,11 @@ from ocpp.v16 import ChargePoint as OcppChargePoint, call_result
 from ocpp.v16.enums import Action
 
 log = structlog.get_logger(__name__)
+
+#: the ``ocpp`` package logs every CALLERROR it answers with a full traceback; a bad frame
+#: from the CSMS is not our error: :meth:`ChargePoint16._send` logs one line instead
+_LIB_LOG = logging.getLogger("agent.channels.ocpp.lib")
+_LIB_LOG.setLevel(logging.CRITICAL)
 
 TRIGGERABLE = {
     "BootNotification",
@@ -39,8 +45,17 @@ class ChargePoint16(OcppChargePoint):
     """One WebSocket connection's OCPP 1.6 endpoint; the channel (``OcppV16Channel``) owns all state."""
 
     def __init__(self, cp_id: str, connection: Any, channel: Any, response_timeout: float) -> None:
-        super().__init__(cp_id, connection, response_timeout=response_timeout)
+        super().__init__(cp_id, connection, response_timeout=response_timeout, logger=_LIB_LOG)
         self.ch = channel
+
+    async def _send(self, message: str) -> None:
+        if message.startswith("[4,"):
+            try:
+                frame = json.loads(message)
+                log.warning("ocpp_callerror_sent", unique_id=frame[1], error=frame[2], description=str(frame[3])[:200])
+            except (ValueError, IndexError):
+                pass
+        await super()._send(message)
 
     async def route_message(self, raw_msg: str) -> None:
         try:
