@@ -58,6 +58,7 @@ async def scenario(rig: OcppRig) -> OcppRig:
     assert tx is not None
     assert (await cs.call(CP_ID, call.RemoteStopTransaction(transaction_id=tx))).status == "Accepted"
     await rig.until("the second StopTransaction", lambda: len(rig.payloads("StopTransaction")) >= 2, timeout=20)
+    await rig.until("the offline session's Tellus record", lambda: _record_of(rig, tx), timeout=20)
     await asyncio.sleep(2.0)
     await rig.sigterm()
     return rig
@@ -75,6 +76,10 @@ def _tx_ids(rig: OcppRig) -> list[int]:
 def _second_tx(rig: OcppRig) -> int | None:
     ids = _tx_ids(rig)
     return ids[1] if len(ids) > 1 else None
+
+
+def _record_of(rig: OcppRig, tx: int) -> list[dict[str, Any]]:
+    return [r for r in rig.records() if r.get("transaction_id") == str(tx)]
 
 
 def _values_of(rig: OcppRig, tx: int | None) -> list[dict[str, Any]]:
@@ -122,3 +127,6 @@ def test_offline_transaction_gets_its_id_and_values_follow_in_order(rig: OcppRig
     assert stamps == sorted(stamps)
     stops = [s for s in rig.payloads("StopTransaction") if s["transactionId"] == second]
     assert len(stops) == 1 and stops[0]["reason"] == "Remote"
+    # the id given after the outage reached the Tellus record of the session
+    records = _record_of(rig, second)
+    assert len(records) == 1 and records[0]["stop_reason"] == "remote_stop"
