@@ -459,8 +459,7 @@ class OcppV16Channel:
         status = str(info.get("status"))
         log.info("ocpp_token", connector=connector_id, id_tag=id_tag, status=status)
         if status == "Accepted":
-            timeout = self.settings.get_int("ConnectionTimeOut")
-            self.tracker.pending[connector_id] = PendingStart(id_tag, asyncio.get_running_loop().time() + timeout, remote=False)
+            self._arm(connector_id, id_tag, remote=False)
         return status
 
     # ------------------------------------------------------------------ operations (handlers call these)
@@ -482,15 +481,27 @@ class OcppV16Channel:
             return "Rejected"
         if profile is not None and profile.get("charging_profile_purpose") != "TxProfile":
             return "Rejected"
-        if self.settings.get_bool("AuthorizeRemoteTxRequests"):
-            info = await self.auth.authorize(id_tag, online=self.online, ask=self._ask_csms)
-            if info.get("status") != "Accepted":
-                return "Rejected"
         if profile is not None:
             self._pending_profile = (connector_id, profile)
-        timeout = self.settings.get_int("ConnectionTimeOut")
-        self.tracker.pending[connector_id] = PendingStart(id_tag, asyncio.get_running_loop().time() + timeout, remote=True)
+        if self.settings.get_bool("AuthorizeRemoteTxRequests"):
+            # answered first, authorised after: an Authorize awaited inside this handler would
+            # wait for a CALLRESULT that only this connection's (busy) reader can deliver
+            self.start_background(self._authorize_then_arm(connector_id, id_tag))
+            return "Accepted"
+        self._arm(connector_id, id_tag, remote=True)
         return "Accepted"
+
+    def _arm(self, connector_id: int, id_tag: str, *, remote: bool) -> None:
+        assert self.tracker is not None
+        timeout = self.settings.get_int("ConnectionTimeOut")
+        self.tracker.pending[connector_id] = PendingStart(id_tag, asyncio.get_running_loop().time() + timeout, remote=remote)
+
+    async def _authorize_then_arm(self, connector_id: int, id_tag: str) -> None:
+        info = await self.auth.authorize(id_tag, online=self.online, ask=self._ask_csms)
+        if info.get("status") == "Accepted":
+            self._arm(connector_id, id_tag, remote=True)
+        else:
+            log.info("ocpp_remote_start_not_authorized", connector=connector_id, id_tag=id_tag, status=info.get("status"))
 
     def remote_stop(self, transaction_id: int) -> str:
         assert self.tracker is not None

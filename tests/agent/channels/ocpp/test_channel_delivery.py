@@ -38,12 +38,14 @@ async def csms() -> AsyncIterator[Csms]:
         await server.stop()
 
 
-async def _channel(tmp_path: Path, csms: Csms, *, password: str = "pw", settings: dict[str, str] | None = None) -> tuple[OcppV16Channel, Journal, FaultBoard]:
+async def _channel(
+    tmp_path: Path, csms: Csms, *, password: str = "pw", settings: dict[str, str] | None = None, connectors: dict[int, Any] | None = None
+) -> tuple[OcppV16Channel, Journal, FaultBoard]:
     journal = await Journal.open(tmp_path)
     if settings:
         await journal.kv_set("settings", settings)
     faults = FaultBoard()
-    port = ChargerPort(CP, "M1", "V1", "0.1.0", tmp_path, {}, faults, False, _restart)
+    port = ChargerPort(CP, "M1", "V1", "0.1.0", tmp_path, connectors or {}, faults, False, _restart)
     cfg = OcppSection(url=csms.url, password=password, reconnect_min_s=0.2, reconnect_max_s=1.0, call_timeout_s=2.0, boot_retry_s=1.0)
     channel = OcppV16Channel(cfg, port, journal)
     await channel.start()
@@ -136,6 +138,33 @@ async def test_call_in_flight_when_the_socket_drops_is_sent_again(tmp_path: Path
         await _until("the queue empty", lambda: channel.metrics.queue_depth == 0)
         row = await journal.transaction("r1")
         assert row is not None and row.transaction_id is not None
+        assert csms.violations == []
+    finally:
+        await _stop(channel, journal)
+
+
+async def test_remote_start_with_authorize_remote_tx_requests(tmp_path: Path, csms: Csms) -> None:
+    from ocpp.v16 import call
+
+    from tests.agent.channels.ocpp.test_transactions import FakeConnector
+
+    connector = FakeConnector()
+    channel, journal, _ = await _channel(tmp_path, csms, settings={"AuthorizeRemoteTxRequests": "true"}, connectors={1: connector})
+    try:
+        await _until("online", lambda: channel.online)
+        await _until("Preparing reported", lambda: [c for c in csms.calls_of("StatusNotification") if c.payload["connectorId"] == 1])
+        answer = await asyncio.wait_for(csms.call(CP, call.RemoteStartTransaction(id_tag="REM-1", connector_id=1)), 5)
+        assert answer.status == "Accepted"
+        await _until("Authorize after the answer", lambda: csms.calls_of("Authorize"), timeout=5)
+        await _until("the connector asked to start", lambda: connector.starts, timeout=5)
+        assert connector.starts[0].start_reason == "remote_start"
+        csms.rejected_tags.add("BAD-1")
+        connector.starts.clear()
+        channel.tracker.pending.clear()  # type: ignore[union-attr]
+        assert (await csms.call(CP, call.RemoteStartTransaction(id_tag="BAD-1", connector_id=1))).status == "Accepted"
+        await _until("the second Authorize", lambda: len(csms.calls_of("Authorize")) == 2, timeout=5)
+        await asyncio.sleep(0.5)
+        assert connector.starts == []  # refused by the CSMS: no session
         assert csms.violations == []
     finally:
         await _stop(channel, journal)

@@ -35,6 +35,12 @@ class FakeConnector:
     def in_session(self) -> bool:
         return self.session is not None
 
+    def effective_limit_kw(self) -> float:
+        return 22.0
+
+    def set_limit(self, source: str, kw: float | None) -> None:
+        pass
+
     def resume_checkpoint(self) -> dict[str, Any] | None:
         return self.checkpoint
 
