@@ -168,3 +168,23 @@ async def test_remote_start_with_authorize_remote_tx_requests(tmp_path: Path, cs
         assert csms.violations == []
     finally:
         await _stop(channel, journal)
+
+
+async def test_start_answered_invalid_stops_the_session_deauthorized(tmp_path: Path, csms: Csms) -> None:
+    from tests.agent.channels.ocpp.test_transactions import FakeConnector
+
+    connector = FakeConnector()
+    csms.rejected_tags.add("FreeVend")
+    channel, journal, _ = await _channel(tmp_path, csms, connectors={1: connector})
+    try:
+        await _until("online", lambda: channel.online)
+        connector.begin("rec-invalid")  # a free-vend session the CSMS does not accept
+        await _until("the StartTransaction answered", lambda: csms.calls_of("StartTransaction"))
+        await _until("the session stopped", lambda: connector.stops, timeout=5)
+        connector.end("user_request")
+        await _until("StopTransaction", lambda: csms.calls_of("StopTransaction"), timeout=5)
+        stop = csms.calls_of("StopTransaction")[0].payload
+        assert stop["reason"] == "DeAuthorized" and stop["transactionId"] == 1001
+        assert csms.violations == []
+    finally:
+        await _stop(channel, journal)
