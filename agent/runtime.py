@@ -59,7 +59,7 @@ from agent.channels.tellus.telemetry import TelemetrySampler
 from agent.channels.tellus.auth import Identity, TokenManager
 from agent.channels.tellus.client import PlatformHttp
 from agent.channels.tellus.uplink import Uplink
-from agent.channels.ocpp import OcppService, start_ocpp, tellus_command_specs, with_ocpp_metadata
+from agent.channels.ocpp import OcppService, start_ocpp, status_block, tellus_command_specs, with_ocpp_metadata
 from hal.context import BuildContext
 from hal.interfaces import DeviceSet, HealthState, Thermal
 
@@ -191,7 +191,7 @@ class Agent:
                 **diagnostic_specs(self),
                 "firmware_upgrade": firmware_command_spec(self.firmware),
             }
-            specs = tellus_command_specs(specs, self)
+            specs = tellus_command_specs(specs, cfg, lambda: self.ocpp)
             self.dispatcher = Dispatcher(self.store.ledger, self.reporter, self.connectors, specs)
             self._tasks = [asyncio.create_task(self._housekeeping(), name="housekeeping")]
             status_writer = StatusWriter(status_path(state_dir), 1.0, self.status_snapshot)
@@ -199,7 +199,10 @@ class Agent:
             stack.push_async_callback(status_writer.stop)
             if cfg.platform.enabled:
                 await self._start_uplink()
-            self.ocpp = await start_ocpp(self)
+            self.ocpp = await start_ocpp(
+                cfg, connectors=self.connectors, faults=self.faults, restart_owner=self, stop=stop,
+                firmware=self.firmware, fetch_logs=self.fetch_logs, sim_root=getattr(self.simulator, "root", None),
+            )
             self._tasks.append(
                 asyncio.create_task(self.firmware.after_start(self._healthy_for_upgrade), name="firmware-health-gate")
             )
@@ -279,7 +282,7 @@ class Agent:
             taken_at=time.time(),
             started_at=self.started_at,
             serial_number=self.cfg.charger.serial_number,
-        ) | ({"ocpp": self.ocpp.metadata()} if self.ocpp is not None else {})
+        ) | status_block(self.ocpp)
 
     def service_mode_on(self) -> bool:
         return self.service_mode is not None and self.service_mode.is_on()
@@ -318,7 +321,7 @@ class Agent:
         self.samplers = {
             cid: TelemetrySampler(
                 c,
-                lambda body: self.store.outbox.put("telemetry", with_ocpp_metadata(self, body)),  # type: ignore[union-attr]
+                lambda body: self.store.outbox.put("telemetry", with_ocpp_metadata(body, cfg, lambda: self.ocpp)),  # type: ignore[union-attr]
                 active_s=cfg.platform.telemetry_active_interval_s,
                 idle_s=cfg.platform.telemetry_idle_interval_s,
                 component_health=health.build if health is not None else None,

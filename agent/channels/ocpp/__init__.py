@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Awaitable, Callable, Literal
 
 import structlog
 
@@ -30,7 +30,7 @@ from agent.channels.ocpp.journal import Journal
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["ChargerPort", "CsmsChannel", "OcppSection", "OcppService", "check_ocpp_url", "start_ocpp", "tellus_command_specs", "with_ocpp_metadata"]
+__all__ = ["ChargerPort", "CsmsChannel", "OcppSection", "OcppService", "check_ocpp_url", "start_ocpp", "status_block", "tellus_command_specs", "with_ocpp_metadata"]
 
 SESSION_COMMANDS = ("start_charging", "stop_charging")
 OWNED_MESSAGE = "sessions belong to the OCPP channel on this charger (platform-api §13): start and stop them through the CSMS"
@@ -69,51 +69,66 @@ class OcppService:
         await self.journal.close()
 
 
-async def start_ocpp(agent: Any) -> OcppService | None:
-    """Start the OCPP channel of a running :class:`agent.runtime.Agent` (None: not configured)."""
-    cfg: OcppSection | None = getattr(agent.cfg, "ocpp", None)
-    if cfg is None or not cfg.enabled:
+async def start_ocpp(
+    cfg: Any,
+    *,
+    connectors: dict[int, Any],
+    faults: Any,
+    restart_owner: Any,
+    stop: asyncio.Event,
+    firmware: Any = None,
+    fetch_logs: Callable[[Any, Callable[[int], None]], Awaitable[dict[str, Any]]] | None = None,
+    sim_root: Path | None = None,
+) -> OcppService | None:
+    """Start the OCPP channel (None: no ``[ocpp]`` section, or disabled).
+
+    ``cfg`` is the whole :class:`agent.config.AgentConfig`; ``connectors`` the shared dict of
+    connector state machines; ``restart_owner`` has the ``reboot_requested`` flag the runtime
+    acts on after ``stop`` is set (a Reset: Soft = restart the agent, Hard = that flag too);
+    ``firmware`` the one :class:`agent.firmware.manager.FirmwareManager`; ``fetch_logs`` the
+    log-bundle service; ``sim_root`` the in-process simulator's file root (simulated readers).
+    """
+    section: OcppSection | None = getattr(cfg, "ocpp", None)
+    if section is None or not section.enabled:
         return None
     from agent import __version__
     from agent.channels.ocpp.services import diagnostics_uploader, firmware_installer
     from agent.channels.ocpp.v16.channel import OcppV16Channel
 
-    state_dir = Path(agent.cfg.charger.state_dir)
+    state_dir = Path(cfg.charger.state_dir)
 
     async def request_restart(hard: bool) -> None:
         log.warning("ocpp_reset_restart", hard=hard)
-        agent.reboot_requested = hard
-        if agent._stop_event is not None:
-            agent._stop_event.set()
+        if hard:
+            restart_owner.reboot_requested = True
+        stop.set()
 
     port = ChargerPort(
-        serial_number=agent.cfg.charger.serial_number,
-        model=agent.cfg.charger.model,
-        vendor=cfg.vendor,
+        serial_number=cfg.charger.serial_number,
+        model=cfg.charger.model,
+        vendor=section.vendor,
         firmware_version=__version__,
         state_dir=state_dir,
-        connectors=agent.connectors,
-        faults=agent.faults,
-        free_vend=agent.cfg.charging.autostart,
+        connectors=connectors,
+        faults=faults,
+        free_vend=cfg.charging.autostart,
         request_restart=request_restart,
-        install_firmware=firmware_installer(agent.firmware) if agent.firmware is not None else None,
-        upload_diagnostics=diagnostics_uploader(agent),
-        readers=_readers(agent),
+        install_firmware=firmware_installer(firmware) if firmware is not None else None,
+        upload_diagnostics=diagnostics_uploader(fetch_logs) if fetch_logs is not None else None,
+        readers=_readers(section, [c.id for c in cfg.connectors], sim_root),
     )
     journal = await Journal.open(state_dir)
-    channel = OcppV16Channel(cfg, port, journal)
+    channel = OcppV16Channel(section, port, journal)
     await channel.start()
     return OcppService(channel, journal)
 
 
-def _readers(agent: Any) -> dict[int, Any]:
+def _readers(section: OcppSection, connector_ids: list[int], root: Path | None) -> dict[int, Any]:
     """The ID-token readers: ``[ocpp] readers``, or a simulated one per connector with the
     in-process simulator (taps injected through its control endpoint)."""
-    cfg: OcppSection = agent.cfg.ocpp
-    root = getattr(getattr(agent, "simulator", None), "root", None)
-    entries = [(r.connector, r.driver, r.reader_name) for r in cfg.readers]
+    entries = [(r.connector, r.driver, r.reader_name) for r in section.readers]
     if not entries and root is not None:
-        entries = [(c.id, "sim", None) for c in agent.cfg.connectors]
+        entries = [(cid, "sim", None) for cid in connector_ids]
     readers: dict[int, Any] = {}
     for connector, driver, name in entries:
         if driver == "sim":
@@ -129,7 +144,7 @@ def _readers(agent: Any) -> dict[int, Any]:
     return readers
 
 
-def tellus_command_specs(specs: dict[str, Any], agent: Any) -> dict[str, Any]:
+def tellus_command_specs(specs: dict[str, Any], cfg: Any, service: Callable[[], "OcppService | None"]) -> dict[str, Any]:
     """The Tellus commands as they are with an OCPP channel configured (platform-api §13).
 
     * ``start_charging``/``stop_charging`` are refused with a message saying sessions belong
@@ -137,7 +152,7 @@ def tellus_command_specs(specs: dict[str, Any], agent: Any) -> dict[str, Any]:
     * ``force_reconnect`` takes ``channel`` = ``platform`` | ``ocpp`` | ``all`` (default):
       ``ocpp`` rebuilds the OCPP WebSocket and completes once the boot is accepted again.
     """
-    ocpp: OcppSection | None = getattr(agent.cfg, "ocpp", None)
+    ocpp: OcppSection | None = getattr(cfg, "ocpp", None)
     if ocpp is None or not ocpp.enabled:
         return specs
     from agent.charging.connector import Rejected
@@ -158,21 +173,22 @@ def tellus_command_specs(specs: dict[str, Any], agent: Any) -> dict[str, Any]:
 
     async def force_reconnect(ctx: Any) -> None:
         channel = ctx.params.channel
-        service: OcppService | None = agent.ocpp
-        if channel != "platform" and service is not None:
-            await service.force_reconnect()
+        running = service()
+        if channel != "platform" and running is not None:
+            await running.force_reconnect()
         if channel != "ocpp" and original is not None:
             await original.run(ctx)
             return
-        if service is None:
+        if running is None:
             raise Rejected("params.channel: the OCPP channel is not running")
         ctx.accepted("rebuilding the OCPP WebSocket")
+        channel_service = running
 
         async def wait_online() -> None:
-            deadline = asyncio.get_running_loop().time() + agent.cfg.diagnostics.reconnect_timeout_s
+            deadline = asyncio.get_running_loop().time() + cfg.diagnostics.reconnect_timeout_s
             await asyncio.sleep(0.2)
             while asyncio.get_running_loop().time() < deadline:
-                if service.online:
+                if channel_service.online:
                     ctx.completed("OCPP WebSocket rebuilt, boot accepted")
                     return
                 await asyncio.sleep(0.1)
@@ -193,17 +209,22 @@ _BACKGROUND: set["asyncio.Task[None]"] = set()
 METADATA_FIELDS = ("ocpp_version", "ocpp_csms_messages_per_minute", "ocpp_csms_last_message_at", "ocpp_negotiated_features")
 
 
-def with_ocpp_metadata(agent: Any, body: dict[str, Any]) -> dict[str, Any]:
+def with_ocpp_metadata(body: dict[str, Any], cfg: Any, service: Callable[[], "OcppService | None"]) -> dict[str, Any]:
     """A telemetry body plus the optional ``ocpp`` block (platform-api §14.3, gap G16).
 
     Only with ``[ocpp] send_metadata = true``, only on the lowest connector's telemetry (the
     values are per charger, as device-wide faults go on the lowest connector, gap G9), and
     only the four proposed fields; absent values are left out.
     """
-    service: OcppService | None = getattr(agent, "ocpp", None)
-    cfg: OcppSection | None = getattr(agent.cfg, "ocpp", None)
-    if service is None or cfg is None or not cfg.send_metadata or body.get("connector_id") != min(agent.connectors, default=None):
+    running = service()
+    section: OcppSection | None = getattr(cfg, "ocpp", None)
+    lowest = min((c.id for c in cfg.connectors), default=None)
+    if running is None or section is None or not section.send_metadata or body.get("connector_id") != lowest:
         return body
-    meta = service.metadata()
+    meta = running.metadata()
     return {**body, "ocpp": {k: meta[k] for k in METADATA_FIELDS if meta.get(k) is not None}}
 
+
+def status_block(service: "OcppService | None") -> dict[str, Any]:
+    """``{"ocpp": metadata}`` for the status snapshot, or ``{}`` without a channel."""
+    return {} if service is None else {"ocpp": service.metadata()}

@@ -67,12 +67,14 @@ def firmware_installer(manager: FirmwareManager) -> Callable[[str, Callable[[str
     return install
 
 
-def diagnostics_uploader(agent: Any) -> Callable[[str, str | None, str | None], Any]:
+def diagnostics_uploader(fetch_logs: Callable[[Any, Callable[[int], None]], Any]) -> Callable[[str, str | None, str | None], Any]:
+    """``fetch_logs(params, progress)`` is the runtime's log-bundle service."""
+
     async def upload(location: str, start: str | None, stop: str | None) -> str:
         from agent.maintenance.logbundle import FetchLogsParams
 
         params = FetchLogsParams.model_validate({"upload_url": location, "since": start, "until": stop})
-        details = await agent.fetch_logs(params, lambda _p: None)
+        details = await fetch_logs(params, lambda _p: None)
         return str(details.get("file_name") or details.get("name") or "diagnostics.tar.gz")
 
     return upload

@@ -65,11 +65,10 @@ async def test_firmware_failures() -> None:
 async def test_diagnostics_go_through_fetch_logs() -> None:
     calls: list[Any] = []
 
-    class Agent:
-        async def fetch_logs(self, params: Any, progress: Any) -> dict[str, Any]:
-            calls.append(params)
-            return {"file_name": "bundle.tar.gz"}
+    async def fetch_logs(params: Any, progress: Any) -> dict[str, Any]:
+        calls.append(params)
+        return {"file_name": "bundle.tar.gz"}
 
-    name = await diagnostics_uploader(Agent())("https://logs.example.com/upload", "2026-01-01T00:00:00Z", None)
+    name = await diagnostics_uploader(fetch_logs)("https://logs.example.com/upload", "2026-01-01T00:00:00Z", None)
     assert name == "bundle.tar.gz"
     assert calls[0].upload_url == "https://logs.example.com/upload" and calls[0].since is not None and calls[0].until is not None
