@@ -21,6 +21,7 @@ from __future__ import annotations
 import difflib
 import tempfile
 import tomllib
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Literal
@@ -375,6 +376,7 @@ def load_config(path: str | Path, *, sim_root: Path | None = None) -> LoadedConf
         except registry.UnknownDriver as exc:
             problems.append(f"{file}: {_key(loc)}.driver: {exc}")
             continue
+        table = _with_fan_default(table, raw, spec.options_model) if kind == "thermal" else table
         try:
             options[loc] = spec.options_model.model_validate({k: v for k, v in table.items() if k != "driver"})
         except ValidationError as exc:
@@ -389,6 +391,29 @@ def load_config(path: str | Path, *, sim_root: Path | None = None) -> LoadedConf
     if problems:
         raise ConfigError(problems)
     return LoadedConfig(path=file, model=cfg, sim_root=root)
+
+
+def _with_fan_default(table: dict[str, Any], raw: dict[str, Any], model: type[BaseModel]) -> dict[str, Any]:
+    """The ``[thermal]`` table with ``[charging] fan_low_fraction`` as the ``low_fraction`` of
+    every fan that does not set its own (a fan's own value wins; a bad value is reported by
+    the core model, so only a valid one is passed on). Drivers whose fans have no
+    ``low_fraction`` option are left alone."""
+    field = model.model_fields.get("fans")
+    items = typing.get_args(field.annotation) if field is not None else ()
+    if not (items and isinstance(items[0], type) and issubclass(items[0], BaseModel)
+            and "low_fraction" in items[0].model_fields):
+        return table
+    charging = raw.get("charging")
+    value = charging.get("fan_low_fraction") if isinstance(charging, dict) else None
+    if value is None:
+        value = ChargingSection.model_fields["fan_low_fraction"].default
+    fans = table.get("fans")
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 < value < 1.0:
+        return table
+    if not isinstance(fans, list):
+        return table
+    fans = [{"low_fraction": value, **f} if isinstance(f, dict) else f for f in fans]
+    return {**table, "fans": fans}
 
 
 def _raw_device_sections(raw: dict[str, Any]) -> list[tuple[tuple[Any, ...], str, dict[str, Any]]]:

@@ -8,16 +8,27 @@ A driver class must provide:
 
 * ``Options``: a pydantic model (subclass of :class:`hal.config.StrictModel`) holding
   every option the driver accepts besides ``driver``;
-* ``__init__(self, name: str, options: Options, ctx: hal.context.BuildContext)``.
+* ``__init__(self, name: str, options: Options, ctx: hal.context.BuildContext)``;
+* the :mod:`hal.interfaces` protocol of its kind. :func:`build` returns the driver typed
+  by that protocol, and the ``TYPE_CHECKING`` table below makes mypy check every
+  registered class against it (``tests/hal/test_registry.py`` keeps the table and
+  :data:`DRIVERS` in step).
 """
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from pydantic import BaseModel
+
+from hal.interfaces import Bidirectional, Contactor, EnergyMeter, InsulationMonitor, PowerModules, Thermal, Vehicle
+
+if TYPE_CHECKING:
+    from hal.context import BuildContext
+
+P = TypeVar("P")
 
 #: kind -> driver name -> "module:Class"
 DRIVERS: dict[str, dict[str, str]] = {
@@ -45,6 +56,51 @@ DRIVERS: dict[str, dict[str, str]] = {
         "sim_http": "hal.v2g.sim_http:SimHttpBidirectional",
     },
 }
+
+
+@dataclass(frozen=True)
+class DriverKind(Generic[P]):
+    """One kind of device; ``P`` is the protocol every driver of that kind satisfies."""
+
+    name: str
+
+
+POWER_MODULES: DriverKind[PowerModules] = DriverKind("power_modules")
+METER: DriverKind[EnergyMeter] = DriverKind("meter")
+IMD: DriverKind[InsulationMonitor] = DriverKind("imd")
+CONTACTOR: DriverKind[Contactor] = DriverKind("contactor")
+THERMAL: DriverKind[Thermal] = DriverKind("thermal")
+VEHICLE: DriverKind[Vehicle] = DriverKind("vehicle")
+BIDIRECTIONAL: DriverKind[Bidirectional] = DriverKind("bidirectional")
+
+if TYPE_CHECKING:  # mypy checks each registered class against its kind's protocol
+    from hal.can.infypower import InfyPowerModules
+    from hal.can.winline import WinlineModules
+    from hal.gpio.contactor import GpioContactor
+    from hal.modbus.bender import BenderIsoCha425
+    from hal.modbus.djsf1352 import Djsf1352Meter
+    from hal.modbus.sdm630 import Sdm630Meter
+    from hal.pilot.iec61851 import Iec61851Vehicle
+    from hal.thermal.hwmon import HwmonThermal
+    from hal.v2g.sim_http import SimHttpBidirectional
+
+    _CONTRACTS: tuple[
+        tuple[type[PowerModules], ...],
+        tuple[type[EnergyMeter], ...],
+        tuple[type[InsulationMonitor], ...],
+        tuple[type[Contactor], ...],
+        tuple[type[Thermal], ...],
+        tuple[type[Vehicle], ...],
+        tuple[type[Bidirectional], ...],
+    ] = (
+        (InfyPowerModules, WinlineModules),
+        (Sdm630Meter, Djsf1352Meter),
+        (BenderIsoCha425,),
+        (GpioContactor,),
+        (HwmonThermal,),
+        (Iec61851Vehicle,),
+        (SimHttpBidirectional,),
+    )
 
 
 class UnknownDriver(LookupError):
@@ -76,6 +132,16 @@ def lookup(kind: str, name: str) -> DriverSpec:
     module_name, _, attr = target.partition(":")
     cls = getattr(importlib.import_module(module_name), attr)
     return DriverSpec(kind, name, cls)
+
+
+def build(kind: DriverKind[P], driver: str, name: str, options: Any, ctx: BuildContext) -> P:
+    """Instantiate (not start) driver ``driver`` of ``kind``, typed by the kind's protocol.
+
+    Raises :class:`UnknownDriver` for a name the registry does not know (config
+    validation reports that earlier, with the file and key).
+    """
+    spec = lookup(kind.name, driver)
+    return cast(P, spec.cls(name, options, ctx))
 
 
 def names(kind: str) -> list[str]:

@@ -76,7 +76,13 @@ class ChargingSection(StrictModel):
     connector_warning_c: float = Field(75.0, ge=30.0, le=150.0, description="F-0203: derate above this")
     connector_derate_factor: float = Field(0.5, gt=0.0, le=1.0)
     cabinet_critical_c: float = Field(85.0, ge=40.0, le=150.0, description="F-0204: stop all connectors")
-    fan_low_fraction: float = Field(0.7, gt=0.0, le=1.0, description="F-0601 below this share of nominal")
+    fan_low_fraction: float = Field(
+        0.7,
+        gt=0.0,
+        lt=1.0,
+        description="F-0601 when a fan stays below this share of the rpm expected at its duty "
+        "(nominal at 100 %); the default of every [thermal] fan without its own low_fraction",
+    )
     progress_persist_s: float = Field(5.0, ge=1.0, le=300.0, description="open-session checkpoint period")
     on_shutdown: Literal["stop", "suspend"] = Field(
         "stop",

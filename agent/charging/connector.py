@@ -29,7 +29,8 @@ import structlog
 
 from agent.charging.config import ChargingSection, ConnectorConfig
 from agent.charging.faults import FaultBoard
-from agent.charging.session import CLEAN_STOPS, Session, SessionRequest, build_record, iso, utc_now
+from agent.charging.session import CLEAN_STOPS, Checkpoint, Session, SessionRequest, build_record
+from agent.utctime import to_iso, utc_now
 from hal.interfaces import (
     Bidirectional,
     Contactor,
@@ -97,7 +98,7 @@ class ConnectorListener(Protocol):
         """Energy transfer stopped for a shutdown; the session stays open for a resume."""
         ...
 
-    def close_checkpoint(self, connector_id: int, checkpoint: dict[str, Any], stop_reason: str, message: str) -> None:
+    def close_checkpoint(self, connector_id: int, checkpoint: Checkpoint, stop_reason: str, message: str) -> None:
         """Close a persisted session from its checkpoint (exactly one record)."""
         ...
     def session_finished(self, session: Session, record: dict[str, Any], stop_event: dict[str, Any]) -> None:
@@ -160,7 +161,7 @@ class Connector:
         self._pilot_bad_since: float | None = None
         self._implausible_since: float | None = None
         self._suspending = False
-        self._resume: tuple[dict[str, Any], float] | None = None
+        self._resume: tuple[Checkpoint, float] | None = None
         self._latched: set[str] = set()  # faults found by a session procedure: cleared at plug-out
         self.last_isolation_kohm: float | None = None
         self.last_isolation_at: str | None = None
@@ -245,6 +246,44 @@ class Connector:
         elif self.state is ConnectorState.UNAVAILABLE:
             self._set_state(ConnectorState.VEHICLE_CONNECTED if self._plugged else ConnectorState.IDLE)
 
+    # ------------------------------------------------------------------ maintenance of its hardware
+
+    def has_module(self, address: int) -> bool:
+        """True if power module ``address`` belongs to this connector's stack."""
+        return self.hw.modules is not None and any(m.address == address for m in self.hw.modules.modules())
+
+    def check_module_reset(self, address: int) -> None:
+        """Raise :class:`Rejected` when resetting module ``address`` would starve the running session.
+
+        Allowed when no session runs, when under 0.5 A flows, or when the other online
+        modules' rated current covers what flows now.
+        """
+        modules = self.hw.modules
+        if modules is None or not self.has_module(address):
+            raise Rejected(f"params.module: no power module with address {address} on connector {self.id}")
+        if self.session is None:
+            return
+        others = [m for m in modules.modules() if m.online and m.address != address]
+        current = abs(modules.measured_current() or 0.0)
+        spare = sum((m.ratings.max_current if m.ratings else 0.0) for m in others)
+        if current > 0.5 and spare < current:
+            raise Rejected(
+                f"module {address} carries the session on connector {self.id}: the other modules "
+                f"can take {spare:.0f} A of the {current:.0f} A flowing"
+            )
+
+    async def reset_power_module(self, address: int) -> None:
+        """Reset one module of this connector (after :meth:`check_module_reset`); the driver's errors propagate."""
+        self.check_module_reset(address)
+        assert self.hw.modules is not None
+        await self.hw.modules.reset_module(address)
+
+    def reset_contactor_cycles(self) -> int:
+        """Zero the contactor's cycle counter; return the count it had."""
+        previous = self.hw.contactor.status().cycles
+        self.hw.contactor.reset_cycles()
+        return previous
+
     # ------------------------------------------------------------------ main loop
 
     async def run(self) -> None:
@@ -283,7 +322,7 @@ class Connector:
         self._stopping.set()
         self._wake.set()
 
-    def resume(self, checkpoint: dict[str, Any], wait_s: float) -> None:
+    def resume(self, checkpoint: Checkpoint, wait_s: float) -> None:
         """Resume a session suspended at the last shutdown, if its vehicle is still here.
 
         Within ``wait_s`` the connector must see the vehicle plugged in; then the session
@@ -334,7 +373,7 @@ class Connector:
             request, self._pending = self._pending, None
             await self._start_session(request)
 
-    def resume_checkpoint(self) -> dict[str, Any] | None:
+    def resume_checkpoint(self) -> Checkpoint | None:
         """The checkpoint of a session waiting to be resumed, if any."""
         if self._resume is not None:
             return self._resume[0]
@@ -648,7 +687,7 @@ class Connector:
                 if r.resistance_kohm < p.isolation_fault_kohm:
                     # a failed test is the most telling point of the insulation trend
                     self.last_isolation_kohm = r.resistance_kohm
-                    self.last_isolation_at = iso(utc_now())
+                    self.last_isolation_at = to_iso(utc_now())
                     raise SessionAbort(
                         "fault",
                         f"insulation {r.resistance_kohm:.0f} kOhm below {p.isolation_fault_kohm:.0f} kOhm",
@@ -662,7 +701,7 @@ class Connector:
             if not await self._wait_for(enough_readings, p.isolation_timeout_s, energy_states):
                 raise SessionAbort("fault", "no fresh insulation readings in time", "F-0103")
             self.last_isolation_kohm = min(fresh)
-            self.last_isolation_at = iso(utc_now())
+            self.last_isolation_at = to_iso(utc_now())
         await modules.output_off()
 
         def discharged() -> bool:
@@ -824,8 +863,8 @@ class Connector:
         record = build_record(
             record_id=session.record_id,
             connector_id=self.id,
-            start_time=iso(session.start_time),
-            end_time=iso(end),
+            start_time=to_iso(session.start_time),
+            end_time=to_iso(end),
             meter_start=session.meter_start,
             meter_end=session.meter_now,
             max_power_kw=session.max_power_kw,

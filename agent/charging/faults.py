@@ -12,9 +12,9 @@ have (meter, IMD, pilot) are this project's and use free numbers in the same sch
 from __future__ import annotations
 
 import enum
-from datetime import datetime, timezone
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+from agent.utctime import now_iso
 
 
 class Severity(enum.StrEnum):
@@ -65,16 +65,12 @@ def numeric_code(fault_id: str) -> int:
     return int(fault_id.split("-", 1)[1])
 
 
-def _now_iso() -> str:
-    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-
-
 @dataclass(frozen=True)
 class ActiveFault:
     fault_id: str
     connector_id: int | None  # None = device-wide
     details: dict[str, Any] = field(default_factory=dict)
-    raised_at: str = field(default_factory=_now_iso)
+    raised_at: str = field(default_factory=now_iso)
 
     @property
     def definition(self) -> FaultDef:

@@ -19,7 +19,7 @@ replaces the stored one; ``enabled = false`` disables it.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, Callable, Literal
 
 import structlog
@@ -28,6 +28,7 @@ from agent.charging.schedule_spec import ScheduleSpec
 from agent.charging.connector import Connector, Rejected
 from agent.charging.schedule import ActiveSlot, active_slot, is_finished
 from agent.charging.session import SessionRequest
+from agent.utctime import utc_now
 
 log = structlog.get_logger(__name__)
 
@@ -45,7 +46,7 @@ class Scheduler:
         connectors: dict[int, Connector],
         default_zone: str,
         *,
-        now: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+        now: Callable[[], datetime] = utc_now,
     ) -> None:
         self.kv = kv
         self.connectors = connectors

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Literal
+from datetime import datetime
+from typing import Any, Literal, Mapping, Required, TypedDict
+
+from agent.utctime import parse_iso, to_iso, utc_now
 
 #: start reasons (platform-api §7.2 Project choice)
 START_REASONS = ("remote_start", "local_auth", "schedule")
@@ -32,13 +34,48 @@ STOP_REASONS = (
 CLEAN_STOPS = frozenset({"user_request", "remote_stop", "time_limit", "soc_target_reached", "energy_limit", "schedule"})
 
 
-def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
+class Checkpoint(TypedDict, total=False):
+    """A session as persisted: everything needed to close it (or resume it) after a restart.
+
+    Written by :meth:`Session.checkpoint` into the state store on every change of its
+    accounting; ``suspended_at`` is added when a clean shutdown suspended the session.
+    """
+
+    record_id: Required[str]
+    connector_id: Required[int]
+    start_time: Required[str]  # ISO 8601 UTC ``Z``
+    meter_start: Required[float]  # kWh register (import, or export when discharging)
+    meter_now: float
+    max_power_kw: float
+    mode: Literal["charge", "discharge"]
+    start_reason: str
+    command_id: str | None
+    transaction_id: str | None
+    soc_start: int | None
+    soc_now: int | None
+    vin: str | None
+    checkpoint_time: str
+    suspended_at: str
 
 
-def iso(ts: datetime) -> str:
-    """UTC ISO 8601 with a trailing Z, second precision (the API's timestamp format)."""
-    return ts.astimezone(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+def as_checkpoint(raw: Mapping[str, Any]) -> Checkpoint:
+    """Check a checkpoint read back from the store; raise ``ValueError`` naming the bad key.
+
+    Keys beyond :class:`Checkpoint` are dropped; optional keys may be absent.
+    """
+    for key, kinds in (("record_id", (str,)), ("connector_id", (int,)), ("start_time", (str,)), ("meter_start", (int, float))):
+        value = raw.get(key)
+        if not isinstance(value, kinds) or isinstance(value, bool) or value == "":
+            raise ValueError(f"checkpoint.{key}: expected {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
+    try:
+        parse_iso(str(raw["start_time"]))
+    except ValueError:
+        raise ValueError(f"checkpoint.start_time: expected an ISO 8601 date-time, got {raw['start_time']!r}") from None
+    mode = raw.get("mode", "charge")
+    if mode not in ("charge", "discharge"):
+        raise ValueError(f"checkpoint.mode: expected 'charge' or 'discharge', got {mode!r}")
+    known = Checkpoint.__annotations__.keys()
+    return Checkpoint(**{k: v for k, v in raw.items() if k in known})  # type: ignore[typeddict-item]
 
 
 @dataclass
@@ -54,7 +91,7 @@ class SessionRequest:
     min_soc: int | None = None
     transaction_id: str | None = None
     schedule_id: str | None = None
-    resume: dict[str, Any] | None = None  # checkpoint of a suspended session to continue
+    resume: Checkpoint | None = None  # checkpoint of a suspended session to continue
 
 
 @dataclass
@@ -93,9 +130,9 @@ class Session:
             self.soc_now = soc
 
     @classmethod
-    def from_checkpoint(cls, cp: dict[str, Any], request: SessionRequest, now_mono: float) -> "Session":
+    def from_checkpoint(cls, cp: Checkpoint, request: SessionRequest, now_mono: float) -> "Session":
         """Continue a suspended session: same record, start and meter_start."""
-        start = datetime.fromisoformat(str(cp["start_time"]).replace("Z", "+00:00"))
+        start = parse_iso(str(cp["start_time"]))
         elapsed = max((utc_now() - start).total_seconds(), 0.0)
         return cls(
             connector_id=int(cp["connector_id"]),
@@ -111,7 +148,7 @@ class Session:
             vin=cp.get("vin"),
         )
 
-    def checkpoint(self) -> dict[str, Any]:
+    def checkpoint(self) -> Checkpoint:
         """Everything needed to close this session after a power loss."""
         return {
             "record_id": self.record_id,
@@ -120,14 +157,14 @@ class Session:
             "start_reason": self.request.start_reason,
             "command_id": self.request.command_id,
             "transaction_id": self.request.transaction_id,
-            "start_time": iso(self.start_time),
+            "start_time": to_iso(self.start_time),
             "meter_start": self.meter_start,
             "meter_now": self.meter_now,
             "max_power_kw": self.max_power_kw,
             "soc_start": self.soc_start,
             "soc_now": self.soc_now,
             "vin": self.vin,
-            "checkpoint_time": iso(utc_now()),
+            "checkpoint_time": to_iso(utc_now()),
         }
 
 
@@ -152,8 +189,8 @@ def build_record(
     m_start = round(meter_start, 3)
     m_end = round(max(meter_end, meter_start), 3)
     energy = round(m_end - m_start, 3)
-    t0 = datetime.fromisoformat(start_time.replace("Z", "+00:00"))
-    t1 = datetime.fromisoformat(end_time.replace("Z", "+00:00"))
+    t0 = parse_iso(start_time)
+    t1 = parse_iso(end_time)
     hours = max((t1 - t0).total_seconds(), 1.0) / 3600.0
     avg = round(min(energy / hours, max_power_kw) if max_power_kw > 0 else energy / hours, 3)
     record: dict[str, Any] = {
@@ -186,7 +223,7 @@ def build_record(
 
 
 def record_from_checkpoint(
-    cp: dict[str, Any], *, end_time: str, meter_end: float | None, stop_reason: str, extensions: bool, send_vin: bool
+    cp: Checkpoint, *, end_time: str, meter_end: float | None, stop_reason: str, extensions: bool, send_vin: bool
 ) -> dict[str, Any]:
     """Close a session from its last checkpoint (power loss, or a restart mid-session).
 

@@ -19,13 +19,12 @@ ambiguous record-id prefix).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Final, TextIO
+from typing import Any, Final
 
 from agent.maintenance.archive import (
     SAMPLE_COLUMNS,
@@ -34,12 +33,13 @@ from agent.maintenance.archive import (
     ArchiveReader,
     SampleRow,
     SessionInfo,
-    iso_utc,
 )
+from agent.maintenance.archive_export import CSV_COLUMNS, write_csv
+
+__all__ = ["CSV_COLUMNS", "add_parsers", "format_duration", "main", "write_csv"]
+from agent.utctime import to_iso
 
 EXIT_OK, EXIT_NOT_FOUND, EXIT_USAGE = 0, 1, 2
-#: CSV header of ``show --csv``: Unix time, the same as ISO 8601 UTC, then the sample columns.
-CSV_COLUMNS: Final = ("t_unix", "time_utc", *SAMPLE_COLUMNS[1:])
 #: Samples printed at each end by ``show`` without ``--csv``/``--json``.
 HEAD_TAIL: Final = 5
 #: A stand-in sim root for configs that use ``{sim_root}``: only the state directory is needed,
@@ -101,7 +101,7 @@ def render_list(sessions: Sequence[SessionInfo]) -> str:
         (
             s.record_id,
             str(s.connector_id),
-            iso_utc(s.start_time),
+            to_iso(s.start_time),
             format_duration(s.duration_s),
             _num(s.summary.get("energy_kwh"), 3),
             _num(s.summary.get("max_power_kw"), 1),
@@ -115,7 +115,7 @@ def render_list(sessions: Sequence[SessionInfo]) -> str:
 
 def _sample_cells(row: SampleRow) -> list[str]:
     return [
-        iso_utc(row.t),
+        to_iso(row.t),
         row.resolution,
         _num(row.power_kw, 3),
         _num(row.voltage, 1),
@@ -134,8 +134,8 @@ def render_show(info: SessionInfo, samples: Sequence[SampleRow], head_tail: int 
         f"record id     {info.record_id}",
         f"connector     {info.connector_id}",
         f"mode          {info.mode or '-'}",
-        f"start         {iso_utc(info.start_time)}",
-        f"end           {iso_utc(info.end_time) if info.end_time is not None else '(open)'}",
+        f"start         {to_iso(info.start_time)}",
+        f"end           {to_iso(info.end_time) if info.end_time is not None else '(open)'}",
         f"duration      {format_duration(info.duration_s)}",
         f"energy        {_num(s.get('energy_kwh'), 3)} kWh",
         f"max power     {_num(s.get('max_power_kw'), 2)} kW",
@@ -166,19 +166,8 @@ def render_show(info: SessionInfo, samples: Sequence[SampleRow], head_tail: int 
     return "\n".join(lines)
 
 
-def write_csv(samples: Sequence[SampleRow], out: TextIO) -> None:
-    """Every sample as CSV with header :data:`CSV_COLUMNS`; unknown values are empty."""
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    for r in samples:
-        values = (r.power_kw, r.voltage, r.current, r.soc, r.temperature, r.energy_kwh)
-        writer.writerow(
-            [f"{r.t:.3f}", iso_utc(r.t), r.resolution, *("" if v is None else f"{v:.10g}" for v in values)]
-        )
-
-
 def _sample_dict(r: SampleRow) -> dict[str, Any]:
-    out: dict[str, Any] = {"t": r.t, "time_utc": iso_utc(r.t), "resolution": r.resolution}
+    out: dict[str, Any] = {"t": r.t, "time_utc": to_iso(r.t), "resolution": r.resolution}
     out.update((name, getattr(r, name)) for name in SAMPLE_COLUMNS[2:])
     return out
 
@@ -219,7 +208,7 @@ def render_plot(info: SessionInfo, samples: Sequence[SampleRow], path: Path) -> 
     ax_temp.grid(True, alpha=0.3)
     if all(math.isnan(t) for t in temps):
         ax_temp.text(0.5, 0.5, "no temperature recorded", transform=ax_temp.transAxes, ha="center", va="center")
-    ax_temp.set_xlabel(f"minutes since {iso_utc(info.start_time)} (resolution kept: {info.resolution})")
+    ax_temp.set_xlabel(f"minutes since {to_iso(info.start_time)} (resolution kept: {info.resolution})")
     energy = info.summary.get("energy_kwh")
     energy_text = f"{energy:.3f} kWh" if isinstance(energy, (int, float)) else "energy unknown"
     fig.suptitle(f"Session {info.record_id} - connector {info.connector_id} - {energy_text}")

@@ -45,6 +45,7 @@ from hal.sim.pilot_files import PilotSimulator
 from hal.sim.pilot_files import layout as pilot_layout
 from hal.sim.scenario import make_ac_connector, make_dc_connector, make_world, world_snapshot
 from hal.sim.world import SimWorld
+from hal.tasks import stop_task
 
 log = structlog.get_logger(__name__)
 
@@ -134,10 +135,8 @@ class SimulatedCharger:
         log.info("simulator_started", root=str(self.root), connectors=sorted(self.world.connectors))
 
     async def stop(self) -> None:
-        if self._physics is not None:
-            self._physics.cancel()
-            await asyncio.gather(self._physics, return_exceptions=True)
-            self._physics = None
+        physics, self._physics = self._physics, None
+        await stop_task(physics)
         if self._control is not None:
             await self._control.cleanup()
             self._control = None

@@ -39,7 +39,8 @@ from typing import Any, TextIO
 
 from agent.config import ChargerSection, ConfigError, load_config
 from agent.maintenance.service_mode import DEFAULT_MINUTES, MAX_MINUTES, read_file, set_off, set_on
-from agent.service.status import fmt_age, is_stale, iso_utc, read_status, render_table, status_path
+from agent.service.status import fmt_age, is_stale, read_status, render_table, status_path
+from agent.utctime import to_iso
 
 EXIT_OK, EXIT_NOT_RUNNING, EXIT_USAGE = 0, 1, 2
 DEFAULT_WATCH_S = 2.0
@@ -240,7 +241,7 @@ def _service_on(state_dir: Path, minutes: int) -> int:
     except OSError as exc:
         print(f"charger-agent: cannot write service mode in {state_dir}: {exc.strerror or exc} (run with sudo?)", file=sys.stderr)
         return EXIT_NOT_RUNNING
-    print(f"service mode ON until {iso_utc(content.until)} ({minutes} min), by {content.by}")
+    print(f"service mode ON until {to_iso(content.until)} ({minutes} min), by {content.by}")
     _view, problem = _agent_service_view(state_dir)
     if problem is not None:
         print(f"note: {problem}; it applies service mode when it starts", file=sys.stderr)
@@ -268,7 +269,7 @@ def _service_status(state_dir: Path, as_json: bool) -> int:
     file_doc: dict[str, Any] = {
         "active": active,
         "until": content.effective_until if content else None,
-        "until_iso": iso_utc(content.effective_until) if content else None,
+        "until_iso": to_iso(content.effective_until) if content else None,
         "by": content.by if content else None,
         "at": content.at if content else None,
         "error": error,

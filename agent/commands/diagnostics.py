@@ -25,6 +25,7 @@ from agent.commands.dispatcher import CommandContext, CommandSpec
 from agent.commands.params import NoParams, Params
 from agent.charging.connector import Connector, Rejected
 from agent.maintenance.logbundle import BundleError, FetchLogsParams, UploadError
+from hal.tasks import stop_tasks
 
 log = structlog.get_logger(__name__)
 
@@ -101,10 +102,7 @@ async def cancel_background() -> None:
     A deferred ``reboot`` waiting for sessions to end must not fire because the
     shutdown itself closed those sessions.
     """
-    tasks = list(_BACKGROUND)
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await stop_tasks(list(_BACKGROUND))
 
 
 def diagnostic_specs(services: AgentServices) -> dict[str, CommandSpec]:
@@ -202,8 +200,7 @@ def diagnostic_specs(services: AgentServices) -> dict[str, CommandSpec]:
         targets = [ctx.connector] if ctx.connector is not None else list(services.connectors.values())
         previous = {}
         for connector in targets:
-            previous[str(connector.id)] = connector.hw.contactor.status().cycles
-            connector.hw.contactor.reset_cycles()
+            previous[str(connector.id)] = connector.reset_contactor_cycles()
         ctx.accepted("resetting contactor counters")
         ctx.completed("contactor counters reset", {"previous_cycles": previous})
 
@@ -216,22 +213,11 @@ def diagnostic_specs(services: AgentServices) -> dict[str, CommandSpec]:
     async def reset_power_module(ctx: CommandContext) -> None:
         p: ResetModuleParams = ctx.params
         owner = _module_owner(services.connectors, p.module, ctx.connector)
-        modules = owner.hw.modules
-        assert modules is not None
-        session = owner.session
-        if session is not None:
-            others = [m for m in modules.modules() if m.online and m.address != p.module]
-            current = abs(modules.measured_current() or 0.0)
-            spare = sum((m.ratings.max_current if m.ratings else 0.0) for m in others)
-            if current > 0.5 and spare < current:
-                raise Rejected(
-                    f"module {p.module} carries the session on connector {owner.id}: the other modules "
-                    f"can take {spare:.0f} A of the {current:.0f} A flowing"
-                )
+        owner.check_module_reset(p.module)
         ctx.accepted(f"resetting module {p.module} on connector {owner.id}")
 
         async def work() -> None:
-            await modules.reset_module(p.module)
+            await owner.reset_power_module(p.module)
             ctx.completed(f"module {p.module} reset", {"connector_id": owner.id, "module": p.module})
 
         _run_in_background(ctx, work(), "reset_power_module")
@@ -256,7 +242,6 @@ def diagnostic_specs(services: AgentServices) -> dict[str, CommandSpec]:
 def _module_owner(connectors: dict[int, Connector], address: int, hint: Connector | None) -> Connector:
     candidates = [hint] if hint is not None else list(connectors.values())
     for connector in candidates:
-        modules = connector.hw.modules
-        if modules is not None and any(m.address == address for m in modules.modules()):
+        if connector.has_module(address):
             return connector
     raise Rejected(f"params.module: no power module with address {address} on this charger")

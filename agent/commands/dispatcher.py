@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, Awaitable, Callable, Literal, Protocol
 
 import structlog
 
 from agent.commands.params import Params, parse
 from agent.charging.connector import Connector, Rejected
+from agent.utctime import parse_iso, utc_now
 
 log = structlog.get_logger(__name__)
 
@@ -90,7 +91,7 @@ def _parse_expiry(value: Any) -> datetime:
     if not isinstance(value, str):
         raise ValueError("expiry: expected an ISO 8601 date-time string")
     try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        parsed = parse_iso(value)
     except ValueError:
         raise ValueError(f"expiry: expected an ISO 8601 date-time (got {value!r})") from None
     if parsed.tzinfo is None:
@@ -106,13 +107,17 @@ class Dispatcher:
         connectors: dict[int, Connector],
         specs: dict[str, CommandSpec],
         *,
-        now: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+        now: Callable[[], datetime] = utc_now,
+        ready: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        """``ready`` is awaited before each command (a soft reset in progress: until the
+        connectors are rebuilt), so no command meets a half-rebuilt ``connectors`` set."""
         self.ledger = ledger
         self.sink = sink
         self.connectors = connectors
         self.specs = specs
         self.now = now
+        self.ready = ready
         self._tasks: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
 
@@ -120,6 +125,8 @@ class Dispatcher:
         """Handle one delivered command. Never raises (bad input becomes a report)."""
         try:
             async with self._lock:  # one command at a time: arrival order per connector
+                if self.ready is not None:
+                    await self.ready()
                 await self._deliver(raw, channel, connector_id)
         except Exception:
             log.exception("dispatch_error", channel=channel)

@@ -24,11 +24,12 @@ import re
 import tomllib
 import zipfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from agent.firmware.bundle import DEPS, Manifest, load_private_key, sha256_file, sign_file, write_bundle
+from agent.utctime import to_iso, utc_now
 
 # PEP 440 public versions plus a local label (what pip accepts in a wheel name)
 PEP440 = re.compile(
@@ -220,10 +221,10 @@ def build_bundle(
     files: dict[str, dict[str, Any]] = {
         name: {"sha256": sha256_file(p), "size": p.stat().st_size} for name, p in members.items()
     }
-    when = (created_at or datetime.now(timezone.utc)).astimezone(timezone.utc)
+    when = created_at or utc_now()
     manifest = Manifest(
         version=version,
-        created_at=when.replace(microsecond=0).isoformat().replace("+00:00", "Z"),
+        created_at=to_iso(when),
         payload=payload_path.name,
         payload_sha256=str(files[payload_path.name]["sha256"]),
         payload_size=int(files[payload_path.name]["size"]),

@@ -50,7 +50,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Protocol
 
@@ -70,6 +69,7 @@ from agent.firmware.installers import (
     choose_installer,
 )
 from agent.firmware.params import FirmwareUpgradeParams
+from agent.utctime import to_iso
 
 log = structlog.get_logger(__name__)
 
@@ -93,10 +93,6 @@ class OutboxLike(Protocol):
 
 
 CommandStatus = Callable[[str, str, "str | None", "dict[str, Any] | None"], None]
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 class FirmwareManager:
@@ -343,7 +339,7 @@ class FirmwareManager:
         at = params.install_at.timestamp()
         if at <= self.clock():
             return
-        when = _iso(at)
+        when = to_iso(at)
         record["stage"] = "scheduled"
         await self.kv.set(PENDING_KEY, record)
         await self._fw(params.version, "downloading", 100, f"verified; installation scheduled for {when}")

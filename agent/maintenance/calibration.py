@@ -33,8 +33,8 @@ from typing import Any, Literal
 import structlog
 from pydantic import Field
 
-from agent.charging.session import iso, utc_now
 from agent.store.kv import KVStore
+from agent.utctime import to_iso, utc_now
 from hal.config import StrictModel
 from hal.interfaces import (
     FanStatus,
@@ -225,7 +225,7 @@ class Calibration:
             value=value,
             reference=float(reference_value),
             measured=float(measured_now),
-            calibrated_at=iso(utc_now()),
+            calibrated_at=to_iso(utc_now()),
         )
         await self._kv.set(f"{CALIBRATION_KEY}{sensor}", entry.to_dict())
         previous = self._entries.get(sensor)

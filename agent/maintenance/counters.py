@@ -16,17 +16,17 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
 
-from agent.charging.session import iso, utc_now
 from agent.store.db import StoreError
 from agent.store.kv import KVStore
+from agent.utctime import to_iso, utc_now
 from hal.interfaces import Contactor, Thermal
+from hal.tasks import stop_task
 
 log = structlog.get_logger(__name__)
 
@@ -178,7 +178,7 @@ class FanRuntime:
                 f"unknown fan {fan!r}; known fans: {', '.join(self.fans()) or 'none'}"
             )
         previous = self.hours(fan)
-        reset_at = iso(utc_now())
+        reset_at = to_iso(utc_now())
         await self._kv.set(f"{FAN_RUNTIME_KEY}{fan}", {"seconds": 0.0, "reset_at": reset_at})
         self._counts[fan] = _FanCount(0.0, reset_at)
         log.info("fan_runtime_reset", fan=fan, previous_hours=round(previous, 3))
@@ -195,9 +195,7 @@ class FanRuntime:
         """Stop the task, count the time up to now and persist (idempotent)."""
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await stop_task(task)
             self.sample()
         await self.persist()
 

@@ -71,11 +71,12 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import structlog
 from pydantic import Field, model_validator
+from agent.utctime import to_iso, utc_now
 
 if TYPE_CHECKING:  # agent.charging.connector imports agent.config, which imports SelfTestConfig from here
     from agent.charging.connector import ConnectorHardware
@@ -196,9 +197,7 @@ class SelfTestReport:
         counts = {o.value: sum(1 for c in self.checks if c.result is o) for o in Outcome}
         return {
             "passed": self.passed,
-            "started_at": self.started_at.astimezone(UTC)
-            .isoformat(timespec="seconds")
-            .replace("+00:00", "Z"),
+            "started_at": to_iso(self.started_at),
             "duration_s": self.duration_s,
             "summary": counts,
             "checks": [c.to_dict() for c in self.checks],
@@ -794,7 +793,7 @@ async def run_self_test(
     """
     run = _SelfTest(dict(connectors), thermal, config)
     checks = run.plan()
-    started_at = datetime.now(UTC)
+    started_at = utc_now()
     t0 = time.monotonic()
     results: list[CheckResult] = []
     log.info("self_test_started", checks=[c.name for c in checks])

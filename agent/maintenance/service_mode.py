@@ -52,9 +52,11 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import structlog
 from pydantic import Field, model_validator
 
-from agent.service.status import iso_utc, write_json_atomic
+from agent.service.status import write_json_atomic
+from agent.utctime import to_iso
 from hal.config import StrictModel
 from hal.gpio.lines import BiasName, LineError, resolve_gpiochip, sim_value_path
+from hal.tasks import stop_task
 
 if TYPE_CHECKING:
     from gpiod import LineRequest, LineSettings
@@ -389,7 +391,7 @@ class ServiceMode:
             "key_switch_error": self._key_error,
             "file_active": holds,
             "until": f.effective_until if f else None,
-            "until_iso": iso_utc(f.effective_until) if f else None,
+            "until_iso": to_iso(f.effective_until) if f else None,
             "remaining_s": max(0.0, f.effective_until - now) if f else None,
             "by": f.by if f else None,
             "at": f.at if f else None,
@@ -442,7 +444,7 @@ class ServiceMode:
         holding = content if content is not None and content.effective_until > now else None
         previous = self._file_active
         if holding is not None and holding != previous:
-            until = iso_utc(holding.effective_until)
+            until = to_iso(holding.effective_until)
             if previous is None:
                 reason = "active_at_start" if first else "set"
                 message = f"service mode on until {until} by {holding.by}"
@@ -457,7 +459,7 @@ class ServiceMode:
             )
         elif holding is None and previous is not None:
             if content is not None:
-                reason, message = "expired", f"service mode timed out (until {iso_utc(previous.effective_until)})"
+                reason, message = "expired", f"service mode timed out (until {to_iso(previous.effective_until)})"
             elif error is not None:
                 reason, message = "invalid", f"service-mode file unusable, treated as off: {error}"
             else:
@@ -509,10 +511,7 @@ class ServiceMode:
     async def stop(self) -> None:
         """Stop polling and release the key-switch line. Not a service-mode transition."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_task(task)
         if self._key is not None:
             self._key.close()
             self._key_open = False

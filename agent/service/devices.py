@@ -6,7 +6,7 @@ config into a :class:`hal.interfaces.DeviceSet` and owns the transports' context
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TypeVar
 
 from agent.charging.config import DeviceSection
 from agent.config import AgentConfig
@@ -14,35 +14,36 @@ from hal import registry
 from hal.context import BuildContext
 from hal.interfaces import DeviceSet
 
+P = TypeVar("P")
 
-def _build(kind: str, name: str, section: DeviceSection, ctx: BuildContext) -> Any:
-    spec = registry.lookup(kind, section.driver)
-    return spec.cls(name, section.options, ctx)
+
+def _build(kind: registry.DriverKind[P], name: str, section: DeviceSection, ctx: BuildContext) -> P:
+    return registry.build(kind, section.driver, name, section.options, ctx)
 
 
 def build_devices(cfg: AgentConfig, ctx: BuildContext) -> DeviceSet:
     """Instantiate (not start) every configured device. IMDs shared by connectors are built once."""
     devices = DeviceSet()
-    imds = {name: _build("imd", f"imd.{name}", section, ctx) for name, section in cfg.imd.items()}
+    imds = {name: _build(registry.IMD, f"imd.{name}", section, ctx) for name, section in cfg.imd.items()}
     for conn in cfg.connectors:
         cctx = ctx.for_connector(conn.id)
         if conn.power_modules is not None:
             devices.power_modules[conn.id] = _build(
-                "power_modules", f"connector{conn.id}.modules", conn.power_modules, cctx
+                registry.POWER_MODULES, f"connector{conn.id}.modules", conn.power_modules, cctx
             )
-        devices.meters[conn.id] = _build("meter", f"connector{conn.id}.meter", conn.meter, cctx)
+        devices.meters[conn.id] = _build(registry.METER, f"connector{conn.id}.meter", conn.meter, cctx)
         devices.contactors[conn.id] = _build(
-            "contactor", f"connector{conn.id}.contactor", conn.contactor, cctx
+            registry.CONTACTOR, f"connector{conn.id}.contactor", conn.contactor, cctx
         )
-        devices.vehicles[conn.id] = _build("vehicle", f"connector{conn.id}.vehicle", conn.vehicle, cctx)
+        devices.vehicles[conn.id] = _build(registry.VEHICLE, f"connector{conn.id}.vehicle", conn.vehicle, cctx)
         if conn.imd is not None:
             devices.imd[conn.id] = imds[conn.imd]
         if conn.bidirectional is not None:
             devices.bidirectional[conn.id] = _build(
-                "bidirectional", f"connector{conn.id}.v2g", conn.bidirectional, cctx
+                registry.BIDIRECTIONAL, f"connector{conn.id}.v2g", conn.bidirectional, cctx
             )
     if cfg.thermal is not None:
-        devices.thermal = _build("thermal", "thermal", cfg.thermal, ctx)
+        devices.thermal = _build(registry.THERMAL, "thermal", cfg.thermal, ctx)
     return devices
 
 

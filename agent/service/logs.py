@@ -4,9 +4,11 @@
   renderer on a TTY; ``format`` in ``[logging]`` overrides the choice. Under journald
   every line carries its syslog priority (``<N>`` prefix); with ``[logging] file`` the
   file is rotated by size.
-* A redaction processor runs last before rendering: any key that names a secret
-  (``secret``, ``token``, ``password``, ``authorization``, ...) is replaced by
-  ``"***"`` whatever the caller passed, and bearer tokens inside strings are masked.
+* A redaction processor (:func:`agent.redaction.redact_event`, the same masking the log
+  bundle applies) runs last before rendering: any key that names a secret (``secret``,
+  ``token``, ``password``, ``authorization``, ...) is replaced by ``"***"`` whatever the
+  caller passed, and inside strings Bearer/Basic credentials, URL user-info, secret query
+  parameters (``?sig=``...) and secret ``key=value`` / JSON values are masked.
 """
 
 from __future__ import annotations
@@ -14,38 +16,13 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any, MutableMapping, TextIO
 
 import structlog
 
-SECRET_KEYS = re.compile(r"(secret|token|password|passwd|authorization|api_key|signature)", re.I)
-BEARER = re.compile(r"(Bearer\s+)[A-Za-z0-9._~+/=-]+")
-
-
-def _redact_value(value: Any) -> Any:
-    if isinstance(value, str):
-        return BEARER.sub(r"\1***", value)
-    if isinstance(value, dict):
-        return {k: ("***" if SECRET_KEYS.search(str(k)) else _redact_value(v)) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_redact_value(v) for v in value)
-    return value
-
-
-def redact_secrets(
-    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
-) -> MutableMapping[str, Any]:
-    """structlog processor: mask secret-looking keys and bearer tokens, recursively."""
-    for key in list(event_dict):
-        if SECRET_KEYS.search(key) and key != "event":
-            event_dict[key] = "***"
-        else:
-            event_dict[key] = _redact_value(event_dict[key])
-    return event_dict
-
+from agent.redaction import redact_event
 
 #: syslog priorities (sd-daemon.h SD_DEBUG..SD_CRIT) by structlog / stdlib level name
 SYSLOG_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
@@ -105,7 +82,7 @@ def configure(
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.StackInfoRenderer(),
         structlog.processors.format_exc_info,
-        redact_secrets,
+        redact_event,
     ]
     renderer: Any = (
         structlog.processors.JSONRenderer()

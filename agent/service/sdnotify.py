@@ -34,6 +34,8 @@ from typing import Any
 
 import structlog
 
+from hal.tasks import stop_task
+
 log = structlog.get_logger(__name__)
 
 Clock = Callable[[], float]
@@ -337,9 +339,7 @@ class Watchdog:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await stop_task(task)
 
 
 # ---------------------------------------------------------------------------- agent helpers

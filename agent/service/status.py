@@ -95,7 +95,6 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -103,6 +102,8 @@ from typing import Any
 import structlog
 
 from agent.charging.faults import FAULTS, Severity
+from agent.utctime import iso_to_unix, to_iso
+from hal.tasks import stop_task
 
 log = structlog.get_logger(__name__)
 
@@ -120,24 +121,6 @@ def status_path(state_dir: str | os.PathLike[str]) -> Path:
 
 
 # ---------------------------------------------------------------------------- time helpers
-
-
-def iso_utc(ts: float) -> str:
-    """Unix seconds -> ``2025-01-01T10:00:00Z``."""
-    return datetime.fromtimestamp(ts, UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-
-
-def parse_iso(value: Any) -> float | None:
-    """ISO 8601 (``Z`` or offset; naive counts as UTC) -> unix seconds; ``None`` if not a time."""
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)  # 3.11+: accepts a trailing Z
-    except ValueError:
-        return None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.timestamp()
 
 
 def boot_id() -> str | None:
@@ -218,7 +201,7 @@ def fault_entry(
 
 
 def _age(at_iso: Any, taken_at: float) -> float | None:
-    ts = parse_iso(at_iso)
+    ts = iso_to_unix(at_iso)
     return None if ts is None else max(0.0, taken_at - ts)
 
 
@@ -277,7 +260,7 @@ def build_status(
         "agent_version": agent_version,
         "serial_number": serial_number,
         "taken_at": taken_at,
-        "taken_at_iso": iso_utc(taken_at),
+        "taken_at_iso": to_iso(taken_at),
         "started_at": started_at,
         "uptime_s": None if started_at is None else max(0.0, taken_at - started_at),
         "service_mode": _clean(service_mode),
@@ -338,7 +321,7 @@ class StatusWriter:
         except Exception as exc:  # noqa: BLE001 - a status page must never stop the agent
             error = f"{type(exc).__name__}: {exc}"
             now = time.time()
-            minimal = {"schema": SCHEMA_VERSION, "taken_at": now, "taken_at_iso": iso_utc(now), "snapshot_error": error}
+            minimal = {"schema": SCHEMA_VERSION, "taken_at": now, "taken_at_iso": to_iso(now), "snapshot_error": error}
             try:
                 write_json_atomic(self.path, self._stamp(minimal))
             except OSError as write_exc:
@@ -366,10 +349,7 @@ class StatusWriter:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_task(task)
 
 
 # ---------------------------------------------------------------------------- reading

@@ -34,7 +34,6 @@ from agent.store.credentials import Credentials, CredentialsError, CredentialSto
 from agent.store.db import (
     MIGRATIONS,
     Migration,
-    RecoveryReport,
     StateDB,
     StoreClosedError,
     StoreConfig,
@@ -45,8 +44,6 @@ from agent.store.db import (
     StoreLockedError,
     StoreMigrationError,
     StoreVersionError,
-    check_database,
-    recover_database,
 )
 from agent.store.kv import (
     FinalizeResult,
@@ -66,6 +63,7 @@ from agent.store.outbox import (
     OutboxKind,
     OutboxStats,
 )
+from agent.store.recovery import RecoveryReport, check_database, recover_database
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,5 +1,5 @@
 """``python -m agent.store {check,recover} --state-dir DIR``: inspect or repair the state DB."""
 
-from agent.store.db import main
+from agent.store.recovery import main
 
 raise SystemExit(main())

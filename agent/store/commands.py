@@ -30,13 +30,14 @@ import sqlite3
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Final, Literal, NamedTuple, TypeVar
 
 import structlog
 
 from agent.store.db import StateDB, StoreError
-from agent.store.outbox import Outbox, _Delta, encode_payload
+from agent.store.outbox import Outbox, OutboxTxn, encode_payload
+from agent.utctime import to_iso
 
 log = structlog.get_logger(__name__)
 
@@ -78,7 +79,7 @@ class LedgerEntry:
         body: dict[str, Any] = {
             "command_id": self.command_id,
             "status": self.status,
-            "timestamp": iso_utc(self.status_at),
+            "timestamp": to_iso(self.status_at, millis=True),
         }
         if self.message is not None:
             body["message"] = self.message
@@ -106,13 +107,6 @@ class AuditEntry:
     params: dict[str, Any] | None
     outcome: str
     message: str | None
-
-
-def iso_utc(ts: float) -> str:
-    """Unix time -> ``2025-03-15T10:30:00Z`` (the platform's timestamp format)."""
-    dt = datetime.fromtimestamp(ts, UTC)
-    text = dt.isoformat(timespec="milliseconds" if dt.microsecond else "seconds")
-    return text.replace("+00:00", "Z")
 
 
 def _ts(value: float | datetime | None) -> float | None:
@@ -232,16 +226,14 @@ class CommandLedger:
             raise ValueError(f"unknown command status {status!r}")
         details_enc = None if details is None else encode_payload(details)
         when = time.time() if at is None else at
-        outbox = self._outbox if report else None
 
-        def job(conn: sqlite3.Connection) -> tuple[LedgerEntry, _Delta]:
-            delta = _Delta()
+        def job(conn: sqlite3.Connection, txn: OutboxTxn | None) -> LedgerEntry:
             entry = _select(conn, command_id)
             if entry is None:
                 raise UnknownCommandError(command_id)
             if entry.completed:
                 if entry.status == status:
-                    return entry, delta
+                    return entry
                 raise StatusTransitionError(
                     f"command {command_id} is already {entry.status}; cannot become {status}"
                 )
@@ -259,35 +251,19 @@ class CommandLedger:
             updated = _select(conn, command_id)
             assert updated is not None
             payload = updated.status_payload()
-            if outbox is not None and payload is not None:
-                outbox._txn_put(
-                    conn,
-                    "command_status",
-                    encode_payload(payload),
-                    key,
-                    time.time(),
-                    delta,
-                )
-                outbox._enforce_budget(conn, delta)
-            return updated, delta
+            if txn is not None and report and payload is not None:
+                txn.put("command_status", encode_payload(payload), key)
+            return updated
 
-        entry, _ = await self._run_reporting(job)
+        entry = await self._run_reporting(job)
         log.info("command.status", command_id=command_id, status=status)
         return entry
 
-    def _commit_hook(self, result: tuple[Any, _Delta]) -> None:
-        if self._outbox is not None:
-            self._outbox._after_commit(result[1])
-
-    async def _run_reporting(
-        self, job: Callable[[sqlite3.Connection], tuple[T, _Delta]]
-    ) -> tuple[T, _Delta]:
-        """Run a job that may queue a status report; on a full disk telemetry makes room."""
+    async def _run_reporting(self, job: Callable[[sqlite3.Connection, OutboxTxn | None], T]) -> T:
+        """Run a job that may queue a status report (one transaction with the outbox)."""
         if self._outbox is None:
-            return await self._db.run(job)
-        return await self._outbox._with_room(
-            "command_status", lambda: self._db.run(job, on_commit=self._commit_hook)
-        )
+            return await self._db.run(lambda conn: job(conn, None))
+        return await self._outbox.unit_of_work(job, room_for="command_status")
 
     async def resend_last_status(self, command_id: str) -> int | None:
         """Queue the last stored status of ``command_id`` again (a repeated delivery of a known
@@ -295,22 +271,15 @@ class CommandLedger:
         command is unknown or has no status yet. Needs an outbox."""
         if self._outbox is None:
             raise RuntimeError("resend_last_status needs a CommandLedger with an outbox")
-        outbox = self._outbox
 
-        def job(conn: sqlite3.Connection) -> tuple[int | None, _Delta]:
-            delta = _Delta()
+        def job(conn: sqlite3.Connection, txn: OutboxTxn | None) -> int | None:
             entry = _select(conn, command_id)
             payload = entry.status_payload() if entry is not None else None
-            if payload is None:
-                return None, delta
-            res = outbox._txn_put(
-                conn, "command_status", encode_payload(payload), None, time.time(), delta
-            )
-            outbox._enforce_budget(conn, delta)
-            return res.item_id, delta
+            if payload is None or txn is None:
+                return None
+            return txn.put("command_status", encode_payload(payload))
 
-        item_id, _ = await self._run_reporting(job)
-        return item_id
+        return await self._outbox.unit_of_work(job, room_for="command_status")
 
     async def non_terminal(self) -> list[LedgerEntry]:
         """Commands without a terminal status (e.g. interrupted by a restart), oldest first."""

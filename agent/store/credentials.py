@@ -31,7 +31,6 @@ import asyncio
 import json
 import os
 import stat
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -39,6 +38,7 @@ from typing import Any, Final
 import structlog
 
 from agent.store.db import StoreError, fsync_dir
+from agent.utctime import file_stamp
 
 log = structlog.get_logger(__name__)
 
@@ -175,7 +175,7 @@ class CredentialStore:
         ``credentials.json.rejected-<UTC timestamp>`` (still 0600, kept for forensics) so the
         next :meth:`load` returns None and the agent registers again. Returns the new path, or
         None if nothing was stored. Atomic and durable like :meth:`save`."""
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        stamp = file_stamp()
         target = self.state_dir / f"{CREDENTIALS_FILENAME}.rejected-{stamp}"
         try:
             os.replace(self.path, target)

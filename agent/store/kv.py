@@ -34,7 +34,7 @@ from typing import Any
 import structlog
 
 from agent.store.db import StateDB, StoreError
-from agent.store.outbox import Outbox, _Delta, encode_payload
+from agent.store.outbox import Outbox, OutboxTxn, encode_payload
 
 log = structlog.get_logger(__name__)
 
@@ -373,8 +373,7 @@ class SessionStore:
         self._drop_pending(connector_id)
         outbox = self._outbox
 
-        def job(conn: sqlite3.Connection) -> tuple[FinalizeResult, _Delta]:
-            delta = _Delta()
+        def job(conn: sqlite3.Connection, txn: OutboxTxn) -> FinalizeResult:
             known = conn.execute(
                 "SELECT item_id FROM outbox_keys WHERE kind = 'charging_record' AND idem_key = ?",
                 (record_id,),
@@ -388,7 +387,7 @@ class SessionStore:
                     ).fetchone()
                     if r is not None:
                         ev_ids.append(int(r[0]))
-                return FinalizeResult(int(known[0]), tuple(ev_ids), None, True), delta
+                return FinalizeResult(int(known[0]), tuple(ev_ids), None, True)
             row = conn.execute(
                 f"SELECT {_SESSION_COLS} FROM open_session WHERE connector_id = ?",
                 (connector_id,),
@@ -401,19 +400,11 @@ class SessionStore:
                 )
             if session is not None:
                 conn.execute("DELETE FROM open_session WHERE connector_id = ?", (connector_id,))
-            now = time.time()
-            rec = outbox._txn_put(conn, "charging_record", rec_encoded, record_id, now, delta)
-            ev_ids = [
-                outbox._txn_put(conn, "event", enc, f"{record_id}/event/{i}", now, delta).item_id
-                for i, enc in enumerate(ev_encoded)
-            ]
-            outbox._enforce_budget(conn, delta)
-            return FinalizeResult(rec.item_id, tuple(ev_ids), session, False), delta
+            rec_id = txn.put("charging_record", rec_encoded, record_id)
+            ev_ids = [txn.put("event", enc, f"{record_id}/event/{i}") for i, enc in enumerate(ev_encoded)]
+            return FinalizeResult(rec_id, tuple(ev_ids), session, False)
 
-        result, _ = await outbox._with_room(
-            "charging_record",
-            lambda: self._db.run(job, on_commit=lambda r: outbox._after_commit(r[1])),
-        )
+        result = await outbox.unit_of_work(job, room_for="charging_record")
         if result.already_finalized:
             log.info("session.finalize_replayed", connector_id=connector_id, record_id=record_id)
         elif result.session is None:

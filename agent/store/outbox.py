@@ -155,6 +155,27 @@ class _PutResult:
     inserted: bool
 
 
+class OutboxTxn:
+    """Queues outbox items inside a :meth:`Outbox.unit_of_work` transaction (writer thread only)."""
+
+    def __init__(self, outbox: Outbox, conn: sqlite3.Connection, delta: _Delta, now: float) -> None:
+        self._outbox = outbox
+        self._conn = conn
+        self.delta = delta
+        self.now = now
+        self.wrote = False
+
+    def put(self, kind: OutboxKind, encoded: str, key: str | None = None) -> int:
+        """Queue the encoded payload (see :func:`encode_payload`); return its item id.
+
+        With ``key``, an item already stored under ``(kind, key)`` is not stored again and
+        its id is returned.
+        """
+        check_kind(kind)
+        self.wrote = True
+        return self._outbox._txn_put(self._conn, kind, encoded, key, self.now, self.delta).item_id
+
+
 def _used_bytes(conn: sqlite3.Connection) -> int:
     page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
     pages = int(conn.execute("PRAGMA page_count").fetchone()[0])
@@ -286,8 +307,7 @@ class Outbox:
         """Run ``attempt``; on a full disk make room from telemetry only -- the oldest half of
         it for a telemetry sample, all of it for anything else -- and run it once more.
 
-        Also used by :class:`~agent.store.kv.SessionStore` and
-        :class:`~agent.store.commands.CommandLedger` for their atomic outbox writes.
+        Also the retry of :meth:`unit_of_work`.
         """
         try:
             return await attempt()
@@ -311,6 +331,28 @@ class Outbox:
         item_id, _ = await self._db.run(job, on_commit=self._after_commit_pair)
         return item_id
 
+    async def unit_of_work(self, job: Callable[[sqlite3.Connection, OutboxTxn], T], *, room_for: str) -> T:
+        """Run ``job`` in one transaction together with the items it queues through its
+        :class:`OutboxTxn`: the caller's own writes and those items commit together or not at
+        all (writer thread; ``job`` must not block on anything else).
+
+        The disk budget is enforced before the commit; on a full disk telemetry makes room
+        as for :meth:`put` (``room_for`` is the kind being written) and ``job`` runs once
+        more, so it must be repeatable. Exceptions from ``job`` roll everything back and
+        propagate. This is the one way other stores (open sessions, the command ledger)
+        queue items atomically with their own rows.
+        """
+
+        def run(conn: sqlite3.Connection) -> tuple[T, _Delta]:
+            txn = OutboxTxn(self, conn, _Delta(), time.time())
+            result = job(conn, txn)
+            if txn.wrote:
+                self._enforce_budget(conn, txn.delta)
+            return result, txn.delta
+
+        result, _ = await self._with_room(room_for, lambda: self._db.run(run, on_commit=self._after_commit_pair))
+        return result
+
     def _txn_put(
         self,
         conn: sqlite3.Connection,
@@ -322,9 +364,7 @@ class Outbox:
     ) -> _PutResult:
         """Insert one item inside the caller's transaction (writer thread only).
 
-        Used by :class:`~agent.store.kv.SessionStore` and
-        :class:`~agent.store.commands.CommandLedger` to queue items atomically with their own
-        writes; the caller must pass ``delta`` to :meth:`_after_commit` from its ``on_commit``.
+        Other stores reach it only through :meth:`unit_of_work`.
         """
         if key is not None:
             row = conn.execute(

@@ -62,6 +62,7 @@ from hal.interfaces import (
     ModuleStatus,
     monotonic,
 )
+from hal.tasks import stop_task
 
 log = structlog.get_logger(__name__)
 
@@ -354,12 +355,7 @@ class PowerModuleGroup(abc.ABC):
 
     async def _teardown(self) -> None:
         task, self._poll_task = self._poll_task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await stop_task(task)
         self._on = False
         self._withdraw_enabling()
         if self._port.is_open:

@@ -36,6 +36,7 @@ import structlog
 
 from hal.config import CanBusConfig
 from hal.interfaces import OK, Health, HealthState
+from hal.tasks import stop_tasks
 
 log = structlog.get_logger(__name__)
 
@@ -199,13 +200,7 @@ class CanPort:
         bus, notifier, queue = self._bus, self._notifier, self._queue
         self._bus = None
         self._notifier = None
-        for task in (self._tx_task, self._rx_restart):
-            if task is not None:
-                task.cancel()
-                try:
-                    await task
-                except asyncio.CancelledError:
-                    pass
+        await stop_tasks((self._tx_task, self._rx_restart))
         self._tx_task = None
         self._rx_restart = None
         if queue is not None:

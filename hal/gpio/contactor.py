@@ -80,6 +80,7 @@ from hal.interfaces import (
     HealthState,
     monotonic,
 )
+from hal.tasks import stop_task
 
 log = structlog.get_logger(__name__)
 
@@ -227,12 +228,7 @@ class GpioContactor:
         self.release()
         self._started = False
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await stop_task(task)
         self._remove_reader()
         self._lines.release()
         self._lines_ok = False

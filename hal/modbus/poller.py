@@ -45,14 +45,10 @@ from pydantic import Field, model_validator
 from hal.config import StrictModel
 from hal.interfaces import Health, HealthState, MeterReading, monotonic
 from hal.modbus.link import ModbusLink, ModbusLinkError
+from hal.tasks import stop_task
 
 if TYPE_CHECKING:
     from hal.context import BuildContext
-
-
-#: stop(): how often the poll task is cancelled, and how long each wait lasts
-STOP_CANCEL_ATTEMPTS = 3
-STOP_WAIT_S = 2.0
 
 
 class DeviceDataError(Exception):
@@ -203,18 +199,9 @@ class PolledDevice(ABC, Generic[R]):
         if task is None:
             return
         self._stopping = True
-        # A cancellation swallowed inside the Modbus client must not hang the stop:
-        # cancel again a few times, then leave the task behind (it exits at its next
-        # loop check because ``_stopping`` is set).
-        for _ in range(STOP_CANCEL_ATTEMPTS):
-            task.cancel()
-            done, _pending = await asyncio.wait({task}, timeout=STOP_WAIT_S)
-            if done:
-                break
-        else:
-            self._log.error("modbus.poll_task_did_not_stop", waited_s=STOP_CANCEL_ATTEMPTS * STOP_WAIT_S)
-        if task.done() and not task.cancelled() and task.exception() is not None:
-            self._log.error("modbus.poll_task_failed", error=repr(task.exception()))
+        # A cancellation swallowed inside the Modbus client must not hang the stop: a task
+        # left behind by stop_task() exits at its next loop check because ``_stopping`` is set.
+        await stop_task(task)
         await self._link.release()
         self._value = None
         self._device_health = None

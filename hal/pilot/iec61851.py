@@ -64,6 +64,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from hal.config import StrictModel
 from hal.context import BuildContext
 from hal.interfaces import Health, HealthState, PilotState, VehicleStatus, monotonic
+from hal.tasks import stop_task
 
 log = structlog.get_logger(__name__)
 
@@ -206,12 +207,7 @@ class Iec61851Vehicle:
             return
         self._started = False
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await stop_task(task)
         self._duty = 0.0
         await self._apply_pwm()
         self._log.info("pilot_stopped", pwm_duty_percent=0.0)

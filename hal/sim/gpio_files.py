@@ -36,6 +36,7 @@ import structlog
 from hal.gpio.lines import atomic_write_text, sim_value_path
 from hal.sim.physics import advance_contactor
 from hal.sim.world import SimContactor
+from hal.tasks import stop_task
 
 __all__ = ["ContactorLineLayout", "ContactorLineSimulator", "advance_contactor", "layout"]
 
@@ -122,12 +123,7 @@ class ContactorLineSimulator:
     async def stop(self) -> None:
         """Stop polling; the files stay as they are (idempotent)."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await stop_task(task)
 
     def step(self) -> None:
         """One poll: coil file -> SimContactor (-> mechanics) -> mirror file."""

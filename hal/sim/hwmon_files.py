@@ -31,6 +31,7 @@ import structlog
 
 from hal.gpio.lines import atomic_write_text
 from hal.sim.world import SimWorld
+from hal.tasks import stop_task
 
 log = structlog.get_logger(__name__)
 
@@ -137,12 +138,7 @@ class HwmonSimulator:
     async def stop(self) -> None:
         """Stop updating; the files stay (idempotent)."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await stop_task(task)
 
     def step(self) -> None:
         """One update: temperatures and rpm out, PWM duty in."""

@@ -45,7 +45,6 @@ answers "device failure"), hence the request filter on ``trace_pdu``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from types import TracebackType
@@ -62,6 +61,7 @@ from hal.modbus.link import DataType as ConvType
 from hal.modbus.link import encode_registers
 from hal.sim.serial_pair import SerialPair
 from hal.sim.world import SimConnector, SimWorld
+from hal.tasks import stop_task
 
 log = structlog.get_logger("hal.sim.modbus")
 
@@ -552,10 +552,7 @@ class ModbusSimServer:
 
     async def stop(self) -> None:
         task, self._refresh_task = self._refresh_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_task(task)
         server, self._server = self._server, None
         if server is not None:
             await server.shutdown()

@@ -49,6 +49,7 @@ import structlog
 
 from hal.gpio.lines import atomic_write_text
 from hal.sim.world import SimConnector
+from hal.tasks import stop_task
 
 log = structlog.get_logger(__name__)
 
@@ -166,12 +167,7 @@ class PilotSimulator:
     async def stop(self) -> None:
         """Stop updating; the files stay (idempotent)."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await stop_task(task)
 
     # ------------------------------------------------------------------ one poll
 

@@ -50,6 +50,7 @@ from pydantic import Field, model_validator
 from hal.config import StrictModel
 from hal.context import BuildContext
 from hal.interfaces import FanStatus, Health, HealthState, TemperatureReading, monotonic
+from hal.tasks import stop_task
 
 log = structlog.get_logger(__name__)
 
@@ -161,12 +162,7 @@ class HwmonThermal:
             return
         self._started = False
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await stop_task(task)
         await asyncio.to_thread(self._restore_control)
 
     # ------------------------------------------------------------------ snapshots

@@ -27,6 +27,7 @@ from pydantic import Field
 from hal.config import StrictModel
 from hal.context import BuildContext
 from hal.interfaces import BidirectionalStatus, Health, HealthState
+from hal.tasks import stop_task
 
 log = structlog.get_logger(__name__)
 
@@ -62,10 +63,8 @@ class SimHttpBidirectional:
         self._task = asyncio.create_task(self._poll(), name=f"{self.name}-poll")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        task, self._task = self._task, None
+        await stop_task(task)
         if self._session is not None:
             try:
                 await self._post({"power_kw": 0.0})

@@ -79,3 +79,26 @@ def test_cli_prints_one_line_per_problem_and_exits_2(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"{path}: imd.dc1.unitid: unknown key (did you mean 'unit_id'?)"
     assert "Traceback" not in proc.stderr
+
+
+def _fans(loaded_text: str, tmp_path: Path) -> list[float]:
+    cfg = load_config(write(tmp_path, loaded_text)).model
+    assert cfg.thermal is not None
+    return [fan.low_fraction for fan in cfg.thermal.options.fans]
+
+
+def test_charging_fan_low_fraction_is_every_fans_default(tmp_path: Path) -> None:
+    """[charging] fan_low_fraction sets the share of expected rpm below which a fan is
+    fan_low (hence F-0601) for every fan without its own low_fraction."""
+    assert "fan_low_fraction" not in SIM and "low_fraction" not in SIM
+    assert _fans(SIM, tmp_path) == [0.7]
+    text = SIM.replace("[charging]\n", "[charging]\nfan_low_fraction = 0.45\n", 1)
+    assert _fans(text, tmp_path) == [0.45]
+    own = text.replace("nominal_rpm = 1800 }", "nominal_rpm = 1800, low_fraction = 0.6 }", 1)
+    assert _fans(own, tmp_path) == [0.6]
+
+
+def test_bad_fan_low_fraction_is_one_problem_line(tmp_path: Path) -> None:
+    text = SIM.replace("[charging]\n", "[charging]\nfan_low_fraction = 1.5\n", 1)
+    lines = problems(tmp_path, text)
+    assert len(lines) == 1 and "charging.fan_low_fraction" in lines[0], lines

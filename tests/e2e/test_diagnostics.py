@@ -245,7 +245,7 @@ class Bench:
         self.cli.append((argv[3:5], proc.returncode, out.decode(errors="replace")))
         assert proc.returncode == 0, out
         want = action == "on"
-        await until(f"the agent to see service mode {action}", lambda: self.agent.service_mode_on() is want, 10)
+        await until(f"the agent to see service mode {action}", lambda: self.agent.services is not None and self.agent.services.service_mode_on() is want, 10)
 
 
 async def self_test_watching(bench: Bench, command_id: str, *, try_start: str | None = None) -> dict[str, Any]:
@@ -309,15 +309,16 @@ async def in_process_scenario(bench: Bench) -> None:
     # -- calibrate_sensor: needs service mode; bounds checked
     await bench.command("calibrate_sensor", {"sensor": "control_board", "reference_value": 30.0}, command_id="cal-no-service")
     await bench.service_mode("on")
-    assert agent.calibration is not None
-    raw = agent.calibration.raw_value("control_board")
+    assert agent.hardware is not None and agent.hardware.calibration is not None
+    calibration = agent.hardware.calibration
+    raw = calibration.raw_value("control_board")
     assert raw is not None
     obs["raw_control_board"] = raw
     await bench.command(
         "calibrate_sensor", {"sensor": "control_board", "reference_value": round(raw + 1.5, 1)}, command_id="cal-ok"
     )
     obs["calibrated_reading"] = agent.thermal.temperatures()["control_board"].celsius if agent.thermal else None
-    obs["raw_after"] = agent.calibration.raw_value("control_board")
+    obs["raw_after"] = calibration.raw_value("control_board")
     await bench.command(
         "calibrate_sensor", {"sensor": "control_board", "reference_value": round(raw + 40.0, 1)}, command_id="cal-out-of-bounds"
     )

@@ -20,7 +20,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Awaitable, Callable
 
 from agent.charging.connector import Connector
-from agent.charging.session import iso
+from agent.utctime import to_iso as iso
 
 PURPOSES = ("ChargePointMaxProfile", "TxDefaultProfile", "TxProfile")
 LIMIT_SOURCE = "ocpp"

@@ -31,7 +31,6 @@ the long-poll ``wait`` bounds.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -53,6 +52,8 @@ from pydantic import (
 )
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import core_schema
+from agent.utctime import parse_rfc3339 as parse_utc_timestamp
+from agent.utctime import to_iso, utc_now
 
 __all__ = [
     "API_VERSION",
@@ -131,16 +132,6 @@ LONG_POLL_WAIT_DEFAULT = 30
 # Timestamps
 # --------------------------------------------------------------------------------------
 
-_RFC3339_DATE_TIME = re.compile(
-    r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:[Zz]|[+-]\d{2}:\d{2})$"
-)
-
-
-def utc_now() -> datetime:
-    """Return the current wall-clock time as a timezone-aware UTC datetime."""
-    return datetime.now(UTC)
-
-
 def format_utc_timestamp(value: datetime) -> str:
     """Serialise an aware datetime the way the API wants it: UTC, ISO 8601, ``Z`` suffix.
 
@@ -152,31 +143,7 @@ def format_utc_timestamp(value: datetime) -> str:
     """
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError("timestamp must be timezone-aware")
-    utc = value.astimezone(UTC)
-    timespec = "seconds" if utc.microsecond == 0 else "milliseconds"
-    return utc.replace(tzinfo=None).isoformat(timespec=timespec) + "Z"
-
-
-def parse_utc_timestamp(value: str) -> datetime:
-    """Parse an RFC 3339 date-time string (``Z`` or ``±HH:MM`` offset) into an aware UTC datetime.
-
-    Raises:
-        ValueError: the string is not an RFC 3339 date-time with an explicit offset, or names
-            an impossible date/time.
-    """
-    if not _RFC3339_DATE_TIME.match(value):
-        raise ValueError("timestamp must be an ISO 8601 date-time with 'Z' or a UTC offset")
-    text = value.upper()
-    if text.endswith("Z"):
-        text = text[:-1] + "+00:00"
-    head, sep, frac_and_offset = text.partition(".")
-    if sep:
-        # datetime.fromisoformat accepts at most microseconds; truncate longer fractions.
-        digits = re.match(r"\d+", frac_and_offset)
-        assert digits is not None  # guaranteed by the regular expression above
-        frac = digits.group(0)
-        text = f"{head}.{frac[:6].ljust(6, '0')}{frac_and_offset[len(frac):]}"
-    return datetime.fromisoformat(text).astimezone(UTC)
+    return to_iso(value, millis=True)
 
 
 def _coerce_timestamp(value: Any) -> datetime:

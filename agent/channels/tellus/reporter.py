@@ -30,9 +30,10 @@ import structlog
 
 from agent.charging.connector import ConnectorState
 from agent.charging.faults import ActiveFault, Severity
-from agent.charging.session import Session, iso, record_from_checkpoint, utc_now
+from agent.charging.session import Checkpoint, Session, record_from_checkpoint
 from agent.store import Store
 from agent.store.commands import StatusTransitionError, UnknownCommandError
+from agent.utctime import to_iso, utc_now
 
 log = structlog.get_logger(__name__)
 
@@ -97,7 +98,7 @@ class Reporter:
             self.on_state_change(connector_id, state)
 
     def event(self, connector_id: int, event_type: str, data: dict[str, Any]) -> None:
-        body = {"timestamp": iso(utc_now()), "event_type": event_type, "connector_id": connector_id, "data": data}
+        body = {"timestamp": to_iso(utc_now()), "event_type": event_type, "connector_id": connector_id, "data": data}
         self._submit(lambda: self.store.outbox.put("event", body))
 
     def session_started(self, session: Session) -> None:
@@ -115,7 +116,8 @@ class Reporter:
         self._submit(job)
 
     def session_suspended(self, session: Session) -> None:
-        checkpoint = {**session.checkpoint(), "suspended_at": iso(utc_now())}
+        checkpoint = session.checkpoint()
+        checkpoint["suspended_at"] = to_iso(utc_now())
         self.event(session.connector_id, "stop", {"reason": "shutdown", "suspended": True})
 
         async def job() -> None:
@@ -126,7 +128,7 @@ class Reporter:
     def close_checkpoint(
         self,
         connector_id: int,
-        checkpoint: dict[str, Any],
+        checkpoint: Checkpoint,
         stop_reason: str,
         message: str,
         meter_end: float | None = None,
@@ -138,7 +140,7 @@ class Reporter:
         removal of the open-session row in one transaction; the session's start command
         (if any) ends ``failed`` with ``message``.
         """
-        end = iso(utc_now())
+        end = to_iso(utc_now())
         record = record_from_checkpoint(
             checkpoint,
             end_time=end,

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import structlog
 
 from agent.charging.connector import Connector, ConnectorState
-from agent.charging.session import iso, utc_now
+from agent.utctime import to_iso, utc_now
 
 log = structlog.get_logger(__name__)
 
@@ -27,7 +27,7 @@ def sample(connector: Connector, component_health: dict[str, Any] | None = None)
         return None
     state = connector.state
     body: dict[str, Any] = {
-        "timestamp": iso(utc_now()),
+        "timestamp": to_iso(utc_now()),
         "connector_id": connector.id,
         "state": state.telemetry_state,
         "voltage": round(reading.voltage, 2),

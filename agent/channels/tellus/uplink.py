@@ -42,7 +42,6 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import structlog
@@ -51,6 +50,8 @@ from agent.store.outbox import PRIORITY
 from agent.channels.tellus.auth import REPROVISION_RETRY_S, AuthError, TokenManager
 from agent.channels.tellus.client import ApiResult, PlatformHttp
 from agent.channels.tellus.shaping import Backoff, ReconnectBudget, TokenBucket
+from agent.utctime import now_iso
+from hal.tasks import stop_tasks
 
 log = structlog.get_logger(__name__)
 
@@ -71,10 +72,6 @@ OTHER_LIMIT_PER_MIN = 60
 FORBIDDEN_PAUSE_S = 300.0
 LONG_POLL_READ_MARGIN_S = 15.0
 IDLE_RECHECK_S = 30.0  # the outbox wakes the sender on every put; this is only a safety net
-
-
-def utc_iso() -> str:
-    return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 class OutboxLike(Protocol):
@@ -193,10 +190,7 @@ class Uplink:
         """Stop every loop; send a final heartbeat ``offline`` first when online."""
         self._running = False
         current = asyncio.current_task()
-        tasks = [t for t in self._tasks + self._poll_tasks if t is not current]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await stop_tasks(t for t in self._tasks + self._poll_tasks if t is not current)
         if final_heartbeat and self.online:
             try:
                 result = await asyncio.wait_for(self._send_heartbeat("offline"), timeout)
@@ -218,9 +212,7 @@ class Uplink:
         current = asyncio.current_task()
         old = [t for t in self._poll_tasks if t is not current]
         self._poll_generation += 1  # the calling poll loop (if any) ends after its deliver
-        for task in old:
-            task.cancel()
-        await asyncio.gather(*old, return_exceptions=True)
+        await stop_tasks(old)
         await self.http.close()
         self.tokens.invalidate()
         self._mark_offline("force_reconnect", immediate=True)
@@ -342,7 +334,7 @@ class Uplink:
         self.stats.heartbeats_attempted += 1
         current_status, fault_code = self.heartbeat_status()
         body: dict[str, Any] = {
-            "timestamp": utc_iso(),
+            "timestamp": now_iso(),
             "status": status or current_status,
             "fault_code": int(fault_code),
         }

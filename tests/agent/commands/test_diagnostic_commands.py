@@ -4,8 +4,8 @@ Real parts: a :class:`~agent.store.Store` in ``tmp_path`` (ledger, audit log, ou
 :class:`~agent.channels.tellus.reporter.Reporter`, the :class:`~agent.commands.dispatcher.Dispatcher` with
 :func:`~agent.commands.diagnostics.diagnostic_specs`, :class:`~agent.charging.connector.Connector`
 state machines (1 DC with two power modules, 2 AC) on the in-memory HAL fakes, and the
-runtime's own ``calibrate`` / ``reset_fan_counter`` / ``any_session`` / ``stop_sessions``
-(from :class:`agent.runtime.Agent`) over a real :class:`~agent.maintenance.calibration.Calibration` and
+agent's own ``calibrate`` / ``reset_fan_counter`` / ``any_session`` / ``stop_sessions``
+(from :class:`agent.service.diagnostics.DiagnosticServices`) over a real :class:`~agent.maintenance.calibration.Calibration` and
 :class:`~agent.maintenance.counters.FanRuntime`. Only the heavy services (reboot, soft reset, reconnect,
 log upload, self test) are stand-ins that record their calls.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -29,7 +30,7 @@ from agent.maintenance.counters import FanRuntime
 from agent.maintenance.logbundle import FetchLogsParams
 from agent.charging.faults import FaultBoard
 from agent.channels.tellus.reporter import Reporter
-from agent.runtime import Agent
+from agent.service.diagnostics import DiagnosticServices
 from agent.charging.session import SessionRequest
 from agent.store import Store
 from hal.interfaces import OK, FanStatus, Health, ModuleRatings, ModuleStatus, TemperatureReading
@@ -101,19 +102,19 @@ class Services:
     """:class:`~agent.commands.diagnostics.AgentServices` for the tests.
 
     ``any_session``, ``stop_sessions``, ``service_mode_on``, ``calibrate`` and
-    ``reset_fan_counter`` are the runtime's own methods; the rest record their calls.
+    ``reset_fan_counter`` are the agent's own (:class:`DiagnosticServices`); the rest
+    record their calls.
     """
 
-    any_session = Agent.any_session
-    stop_sessions = Agent.stop_sessions
-    service_mode_on = Agent.service_mode_on
-    calibrate = Agent.calibrate
-    reset_fan_counter = Agent.reset_fan_counter
+    any_session = DiagnosticServices.any_session
+    stop_sessions = DiagnosticServices.stop_sessions
+    service_mode_on = DiagnosticServices.service_mode_on
+    calibrate = DiagnosticServices.calibrate
+    reset_fan_counter = DiagnosticServices.reset_fan_counter
 
     def __init__(self, connectors: dict[int, Connector], calibration: Calibration, fan_runtime: FanRuntime) -> None:
         self.connectors = connectors
-        self.calibration = calibration
-        self.fan_runtime = fan_runtime
+        self.hardware = SimpleNamespace(calibration=calibration, fan_runtime=fan_runtime)
         self.service_mode = ServiceSwitch()
         self.calls: list[tuple[Any, ...]] = []
         self.sessions_at_reboot: bool | None = None
@@ -550,7 +551,7 @@ async def test_calibrate_sensor_refusals_name_the_problem(charger: Charger, para
     reports = charger.reported("c1")
     assert [s for s, _, _ in reports] == ["rejected"]
     assert expected in (reports[0][1] or ""), reports
-    assert charger.services.calibration.entries() == {}
+    assert charger.services.hardware.calibration.entries() == {}
 
 
 async def test_calibrate_sensor_reports_the_offset(charger: Charger) -> None:

@@ -68,7 +68,7 @@ def _replace(path: Path, old: str, new: str) -> None:
 
 
 def _no_uplink(src: Path) -> None:
-    _replace(src / "agent" / "runtime.py", "await self._start_uplink()", "pass  # broken release: never online")
+    _replace(src / "agent" / "runtime.py", "await channel.start()", "pass  # broken release: never online")
 
 
 def _crash(src: Path) -> None:

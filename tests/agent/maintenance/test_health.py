@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from agent.maintenance.health import ComponentHealth, HealthConfig, fan_status
-from agent.charging.session import Session, SessionRequest, utc_now
+from agent.charging.session import Session, SessionRequest
+from agent.utctime import utc_now
 from agent.store import Store
 from hal.interfaces import OK, ContactorPosition, FanStatus, Health, HealthState
 from tests.agent.fakes import FakeContactor

@@ -14,7 +14,6 @@ from agent.store import (
     Store,
     UnknownCommandError,
 )
-from agent.store.commands import iso_utc
 
 H = 3600.0
 
@@ -160,8 +159,3 @@ async def test_audit_is_append_only(store: Store) -> None:
         with pytest.raises(sqlite3.DatabaseError, match="append-only"):
             await store.db.run(tamper)
     assert await ledger.audit_entries() == all_rows
-
-
-def test_iso_utc() -> None:
-    assert iso_utc(0) == "1970-01-01T00:00:00Z"
-    assert iso_utc(1.5) == "1970-01-01T00:00:01.500Z"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import sqlite3
 import threading
 from pathlib import Path
@@ -18,24 +17,12 @@ from agent.store import (
     Store,
     StoreClosedError,
     StoreCorruptError,
-    StoreFullError,
-    StoreIOError,
     StoreLockedError,
     StoreMigrationError,
     StoreVersionError,
-    check_database,
     recover_database,
 )
-from agent.store.db import main as store_main
-from agent.store.db import map_sqlite_error
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _raw(path: Path) -> sqlite3.Connection:
-    return sqlite3.connect(path, isolation_level=None)
+from tests.agent.store.helpers import _raw, _sha
 
 
 async def test_fresh_database_is_wal_full_sync_migrated(state_dir: Path) -> None:
@@ -127,63 +114,6 @@ async def test_not_a_database_is_refused_with_recovery_hint(state_dir: Path) -> 
     assert _sha(path) == before  # never deleted or rewritten
 
 
-async def _fill_and_corrupt(state_dir: Path) -> int:
-    store = await Store.open(state_dir)
-    for i in range(400):
-        await store.outbox.put("charging_record", {"record_id": f"r{i}", "pad": "x" * 200})
-    await store.kv.set("limit", {"kw": 7})
-    await store.close()
-    path = state_dir / "agent.db"
-    with _raw(path) as conn:
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
-        root = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'outbox'").fetchone()
-    # Smash a few pages in the middle of the outbox b-tree (not the schema page).
-    data = bytearray(path.read_bytes())
-    pages = len(data) // page_size
-    target = max(root[0] + 3, pages // 2)
-    for p in (target, target + 1):
-        data[(p - 1) * page_size : p * page_size] = bytes([0xA5]) * page_size
-    path.write_bytes(bytes(data))
-    return 400
-
-
-async def test_corrupt_pages_refused_then_recovered(state_dir: Path) -> None:
-    total = await _fill_and_corrupt(state_dir)
-    path = state_dir / "agent.db"
-    before = _sha(path)
-    with pytest.raises(StoreCorruptError):
-        await StateDB.open(state_dir)
-    assert _sha(path) == before
-    assert check_database(state_dir) != ["ok"]
-
-    report = recover_database(state_dir)
-    assert report.moved_to is not None and report.moved_to.exists()
-    assert _sha(report.moved_to) == before  # the evidence is kept byte for byte
-    assert 0 < report.salvaged["outbox"] < total
-    assert report.salvaged["kv"] == 1
-
-    store = await Store.open(state_dir)
-    try:
-        items = await store.outbox.next_batch(1000)
-        assert len(items) == report.salvaged["outbox"]
-        assert all(item.payload["pad"] == "x" * 200 for item in items)
-        assert await store.kv.get("limit") == {"kw": 7}
-        assert store.outbox.depth()["charging_record"] == len(items)
-    finally:
-        await store.close()
-    assert check_database(state_dir) == ["ok"]
-
-
-async def test_recover_cli(state_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    await _fill_and_corrupt(state_dir)
-    assert store_main(["check", "--state-dir", str(state_dir)]) == 1
-    assert store_main(["recover", "--state-dir", str(state_dir)]) == 0
-    out = capsys.readouterr().out
-    assert "damaged database kept as" in out and "rows salvaged" in out
-    assert store_main(["check", "--state-dir", str(state_dir)]) == 0
-
-
 async def test_second_process_is_locked_out(state_dir: Path) -> None:
     db = await StateDB.open(state_dir)
     try:
@@ -252,26 +182,6 @@ async def test_outbox_needs_sane_row_cap(state_dir: Path) -> None:
             Outbox(db, max_telemetry_rows=3)
     finally:
         await db.close()
-
-
-@pytest.mark.parametrize(
-    ("code", "expected"),
-    [
-        (13, StoreFullError),  # SQLITE_FULL
-        (10 | (4 << 8), StoreIOError),  # SQLITE_IOERR_FSYNC-style extended code
-        (11, StoreCorruptError),  # SQLITE_CORRUPT
-        (26, StoreCorruptError),  # SQLITE_NOTADB
-    ],
-)
-def test_sqlite_errors_are_mapped(code: int, expected: type[Exception]) -> None:
-    exc = sqlite3.OperationalError("boom")
-    exc.sqlite_errorcode = code
-    mapped = map_sqlite_error(exc, Path("/state/agent.db"))
-    assert isinstance(mapped, expected) and mapped.__cause__ is exc
-    other = sqlite3.IntegrityError("constraint")
-    other.sqlite_errorcode = 19
-    assert map_sqlite_error(other) is other
-    assert isinstance(map_sqlite_error(ValueError("x")), ValueError)
 
 
 async def test_store_open_reports_corruption_with_path(state_dir: Path) -> None:

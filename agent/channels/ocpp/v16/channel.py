@@ -47,7 +47,7 @@ from agent.channels.ocpp.profiles import ChargingProfiles
 from agent.channels.ocpp.settings import Settings
 from agent.channels.ocpp.v16.handlers import ChargePoint16, cancel_quietly
 from agent.channels.ocpp.v16.transactions import PendingStart, TxTracker
-from agent.charging.session import iso, utc_now
+from agent.utctime import to_iso as iso, utc_now
 
 log = structlog.get_logger(__name__)
 

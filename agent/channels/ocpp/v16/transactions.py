@@ -35,7 +35,8 @@ from agent.channels.ocpp.journal import Journal, TxRow
 from agent.channels.ocpp.mapping import stop_reason
 from agent.channels.ocpp.settings import Settings
 from agent.charging.connector import Connector, Rejected
-from agent.charging.session import Session, SessionRequest, iso, utc_now
+from agent.charging.session import Session, SessionRequest
+from agent.utctime import to_iso as iso, utc_now
 
 log = structlog.get_logger(__name__)
 
