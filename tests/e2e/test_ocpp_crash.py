@@ -59,6 +59,13 @@ async def scenario(rig: OcppRig) -> OcppRig:
     assert (await cs.call(CP_ID, call.RemoteStopTransaction(transaction_id=tx))).status == "Accepted"
     await rig.until("the second StopTransaction", lambda: len(rig.payloads("StopTransaction")) >= 2, timeout=20)
     await rig.until("the offline session's Tellus record", lambda: _record_of(rig, tx), timeout=20)
+
+    # a fault on the idle connector 2: Faulted with the mapped error code, then Available again
+    assert (await rig.control("/inject", {"fault": "meter_silence", "connector": 2}))["ok"]
+    await rig.until("connector 2 Faulted", lambda: _last_status(rig, 2) == "Faulted", timeout=30)
+    MARKS["faulted"] = [p for p in rig.payloads("StatusNotification") if p["connectorId"] == 2 and p["status"] == "Faulted"][-1]
+    assert (await rig.control("/clear", {"fault": "meter_silence", "connector": 2}))["ok"]
+    await rig.until("connector 2 Available again", lambda: _last_status(rig, 2) == "Available", timeout=30)
     await asyncio.sleep(2.0)
     await rig.sigterm()
     return rig
@@ -76,6 +83,11 @@ def _tx_ids(rig: OcppRig) -> list[int]:
 def _second_tx(rig: OcppRig) -> int | None:
     ids = _tx_ids(rig)
     return ids[1] if len(ids) > 1 else None
+
+
+def _last_status(rig: OcppRig, connector: int) -> str | None:
+    found = [p["status"] for p in rig.payloads("StatusNotification") if p["connectorId"] == connector]
+    return found[-1] if found else None
 
 
 def _record_of(rig: OcppRig, tx: int) -> list[dict[str, Any]]:
@@ -130,3 +142,8 @@ def test_offline_transaction_gets_its_id_and_values_follow_in_order(rig: OcppRig
     # the id given after the outage reached the Tellus record of the session
     records = _record_of(rig, second)
     assert len(records) == 1 and records[0]["stop_reason"] == "remote_stop"
+
+
+def test_fault_maps_to_faulted_with_the_ocpp_error_code(rig: OcppRig) -> None:
+    faulted = MARKS["faulted"]
+    assert faulted["errorCode"] == "PowerMeterFailure" and faulted["vendorErrorCode"] == "F-0451"
