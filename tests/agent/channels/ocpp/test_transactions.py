@@ -181,3 +181,32 @@ async def test_free_vend_session_gets_the_free_vend_tag_and_pending_start_reques
         assert messages[0][1]["id_tag"] == "FreeVend"
     finally:
         await journal.close()
+
+
+async def test_clock_aligned_values_go_to_the_journal_in_a_transaction_else_volatile(tmp_path: Path) -> None:
+    import asyncio
+
+    journal = await Journal.open(tmp_path)
+    conn, clock = FakeConnector(), Clock()
+    try:
+        tracker = await _tracker(journal, conn, clock)
+        tracker.settings.change("ClockAlignedDataInterval", "1")
+        sent: list[tuple[str, dict[str, Any]]] = []
+        tracker.send_volatile = lambda action, payload: sent.append((action, payload))
+        for _ in range(15):  # idle connector: aligned values are sent, not journaled
+            await tracker._aligned()
+            await asyncio.sleep(0.1)
+        assert sent and sent[0][0] == "MeterValues"
+        assert sent[0][1]["meter_value"][0]["sampled_value"][0]["context"] == "Sample.Clock"
+        assert "transaction_id" not in sent[0][1]
+        conn.begin("rec-aligned")
+        await tracker._poll(1, conn)  # type: ignore[arg-type]
+        before = len(sent)
+        for _ in range(15):
+            await tracker._aligned()
+            await asyncio.sleep(0.1)
+        assert len(sent) == before  # in a transaction: journaled with it instead
+        actions = [a for a, _ in await _queue(journal)]
+        assert actions[0] == "StartTransaction" and "MeterValues" in actions[1:]
+    finally:
+        await journal.close()
