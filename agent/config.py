@@ -39,6 +39,7 @@ from agent.maintenance.health import HealthConfig
 from agent.maintenance.service_mode import ServiceConfig
 from agent.store.db import StoreConfig
 from agent.charging.config import ChargingSection, ConnectorConfig, DeviceSection
+from agent.channels.ocpp.config import OcppSection
 from agent.netaddr import is_loopback_host
 from hal.config import CanBusConfig, ModbusLinkConfig, StrictModel
 
@@ -162,6 +163,7 @@ class SimSection(StrictModel):
 class AgentConfig(StrictModel):
     charger: ChargerSection
     platform: PlatformSection
+    ocpp: OcppSection | None = None
     can: dict[str, CanBusConfig] = {}
     modbus: dict[str, ModbusLinkConfig] = {}
     imd: dict[str, DeviceSection] = {}
@@ -326,6 +328,11 @@ def _cross_checks(file: Path, cfg: AgentConfig) -> list[str]:
         if isinstance(link_name, str) and link_name not in cfg.modbus:
             known = ", ".join(sorted(cfg.modbus)) or "none defined"
             problems.append(f"{file}: {_key(loc)}.link: expected the name of a [modbus.<name>] link ({known}), got {link_name!r}")
+    for j, reader in enumerate(cfg.ocpp.readers if cfg.ocpp is not None else []):
+        if reader.connector not in ids:
+            problems.append(f"{file}: ocpp.readers[{j}].connector: expected one of the connector ids {ids}, got {reader.connector}")
+        if reader.driver == "sim" and not in_process:
+            problems.append(f"{file}: ocpp.readers[{j}].driver: 'sim' needs [sim] in_process = true")
     if cfg.sim is not None:
         for j, v in enumerate(cfg.sim.vehicles):
             if v.connector not in ids:

@@ -32,6 +32,7 @@ import structlog
 from hal.tick import sleep_to_grid
 
 from agent import __version__
+from agent.channels.ocpp import OcppService, start_ocpp, status_block, tellus_command_specs, with_ocpp_metadata
 from agent.channels.tellus.channel import TellusChannel
 from agent.channels.tellus.reporter import Reporter
 from agent.channels.tellus.uplink import Uplink
@@ -85,6 +86,7 @@ class Agent:
         self.hardware: HardwareStack | None = None
         self.channel: TellusChannel | None = None
         self.services: DiagnosticServices | None = None
+        self.ocpp: OcppService | None = None
 
     @property
     def devices(self) -> DeviceSet | None:
@@ -139,7 +141,7 @@ class Agent:
             health = ComponentHealth(store.kv, cfg.health)
             await health.load()
             telemetry = TelemetryCompanion(
-                lambda body: store.outbox.put("telemetry", body),
+                lambda body: store.outbox.put("telemetry", with_ocpp_metadata(body, cfg, lambda: self.ocpp)),
                 active_s=cfg.platform.telemetry_active_interval_s,
                 idle_s=cfg.platform.telemetry_idle_interval_s,
                 component_health=health.build if cfg.platform.send_component_health else None,
@@ -187,6 +189,7 @@ class Agent:
                 **diagnostic_specs(services, default_upload_url=cfg.diagnostics.log_upload_url),
                 "firmware_upgrade": firmware_command_spec(firmware),
             }
+            specs = tellus_command_specs(specs, cfg, lambda: self.ocpp)
             dispatcher = Dispatcher(store.ledger, reporter, self.connectors, specs, ready=hardware.wait_ready)
             projection = StatusProjection(cfg, store, self.connectors, faults, health, service_mode, lambda: self.channel)
 
@@ -205,7 +208,7 @@ class Agent:
             snapshot_file = status_path(state_dir, runtime_dir=cfg.charger.runtime_dir)
             with contextlib.suppress(OSError):  # a failing writer reports itself
                 snapshot_file.parent.mkdir(parents=True, exist_ok=True)
-            status_writer = StatusWriter(snapshot_file, 1.0, projection.snapshot)
+            status_writer = StatusWriter(snapshot_file, 1.0, lambda: projection.snapshot() | status_block(self.ocpp))
             await status_writer.start()
             stack.push_async_callback(status_writer.stop)
             if cfg.platform.enabled:
@@ -215,6 +218,10 @@ class Agent:
                 reporter.on_fault_change = channel.fault_changed
                 checks.append(channel.check_reconnect_storm)
                 await channel.start()
+            self.ocpp = await start_ocpp(
+                cfg, connectors=self.connectors, faults=faults, restart_owner=lifecycle, stop=stop,
+                firmware=firmware, fetch_logs=services.fetch_logs, sim_root=getattr(self.simulator, "root", None),
+            )
             healthy = (lambda: True) if self.channel is None else self.channel.reached_platform
             tasks.append(asyncio.create_task(firmware.after_start(healthy), name="firmware-health-gate"))
             tasks.append(asyncio.create_task(outbox_canary(reporter, self.watchdog), name="outbox-canary"))
@@ -233,6 +240,8 @@ class Agent:
             await stop_tasks(tasks)
             await dispatcher.close()
             await hardware.stop(SHUTDOWN_STOP_REASON, suspend=lifecycle.suspend_sessions_on_stop())
+            if self.ocpp is not None:
+                await self.ocpp.stop()
             await reporter.drain()
             if self.channel is not None:
                 await self.channel.stop()

@@ -48,6 +48,7 @@ FAULTS: dict[str, FaultDef] = {
         FaultDef("F-0102", "Insulation fault", Severity.ERROR, True, "project"),
         FaultDef("F-0103", "Insulation monitor not responding", Severity.ERROR, True, "project"),
         FaultDef("F-0104", "Insulation monitor self-test failed", Severity.ERROR, True, "project"),
+        FaultDef("F-0304", "OCPP transaction message dead-lettered", Severity.WARNING, False, "project"),
         FaultDef("F-0412", "All power modules lost", Severity.ERROR, True, "project"),
         FaultDef("F-0413", "Power module alarm", Severity.ERROR, True, "project"),
         FaultDef("F-0422", "Contactor opened or closed unexpectedly", Severity.ERROR, True, "project"),

@@ -24,6 +24,15 @@ def _load(args: argparse.Namespace) -> LoadedConfig:
             cfg.platform.url = args.platform_url
         except ValueError as exc:
             raise ConfigError([f"--platform-url: {exc.errors()[0]['msg'].removeprefix('Value error, ')}"]) from None  # type: ignore[attr-defined]
+    if getattr(args, "ocpp_url", None):
+        from agent.channels.ocpp.config import check_ocpp_url
+
+        if cfg.ocpp is None:
+            raise ConfigError([f"--ocpp-url: {loaded.path} has no [ocpp] section to override"])
+        try:
+            cfg.ocpp.url = check_ocpp_url(args.ocpp_url)
+        except ValueError as exc:
+            raise ConfigError([f"--ocpp-url: expected {exc}"]) from None
     if getattr(args, "state_dir", None):
         cfg.charger.state_dir = Path(args.state_dir)
     return loaded
@@ -112,6 +121,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.ocpp:
+        from agent.cli.demo_ocpp import run_ocpp_demo
+
+        return int(asyncio.run(run_ocpp_demo(Path(args.config), duration_s=min(args.duration, 20.0))))
     from agent.cli.demo import run_demo
 
     return int(asyncio.run(run_demo(Path(args.config), duration_s=args.duration)))
@@ -135,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the agent (charging, uplink, commands)")
     with_config(p)
     p.add_argument("--platform-url", help="API base ending in /v1 (overrides [platform] url)")
+    p.add_argument("--ocpp-url", help="CSMS WebSocket URL (overrides [ocpp] url)")
     p.add_argument("--state-dir", help="state directory (overrides [charger] state_dir)")
     p.add_argument("--sim-root", help="simulator file root (overrides [sim] root)")
     p.set_defaults(func=cmd_run)
@@ -162,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="emulator + agent on simulated hardware, with a live display")
     p.add_argument("--config", "-c", default="config/sim.toml")
     p.add_argument("--duration", type=float, default=25.0, help="seconds of charging before the stop command")
+    p.add_argument("--ocpp", action="store_true", help="the OCPP 1.6-J channel against a local CSMS: card tap, transaction, remote stop")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -293,7 +293,7 @@ class SimulatedCharger:
             cid = int(request.match_info["cid"])
             if cid not in self.world.connectors:
                 return web.json_response({"ok": False, "error": f"connector: unknown id {cid}"}, status=400)
-            self.world.connector(cid).vehicle.plugged = request.path.endswith("plug")
+            self.world.connector(cid).vehicle.plugged = not request.path.endswith("unplug")  # "unplug" ends in "plug" too
             return web.json_response({"ok": True})
 
         async def v2g(request: web.Request) -> web.Response:
@@ -320,6 +320,18 @@ class SimulatedCharger:
                 }
             )
 
+        async def tap(request: web.Request) -> web.Response:
+            from hal.auth.sim import record_tap
+
+            cid = int(request.match_info["cid"])
+            body = await request.json()
+            tag = body.get("id_tag") if isinstance(body, dict) else None
+            if cid not in self.world.connectors or not isinstance(tag, str) or not 0 < len(tag) <= 20:
+                return web.json_response({"ok": False, "error": "id_tag: expected 1-20 characters on a known connector"}, status=400)
+            record_tap(self.root, cid, tag)
+            return web.json_response({"ok": True})
+
+        app.router.add_post("/auth/{cid}/tap", tap)
         app.router.add_get("/v2g/{cid}", v2g)
         app.router.add_post("/v2g/{cid}", v2g)
         app.router.add_post("/inject", change)

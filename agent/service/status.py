@@ -669,6 +669,18 @@ def _dead_letter_lines(uplink: Mapping[str, Any], outbox: Mapping[str, Any]) -> 
         what = " ".join(str(v) for v in (last.get("kind"), last.get("key")) if v)
         line += f"; last: {what} ({last.get('reason')})"
     return [line]
+def _ocpp_section(ocpp: Mapping[str, Any]) -> list[str]:
+    """OCPP channel metadata (platform-api §14.3 fields) when an [ocpp] section is configured."""
+    online = "yes" if ocpp.get("connected") else "NO"
+    features = ", ".join(str(f) for f in ocpp.get("ocpp_negotiated_features") or []) or "-"
+    return [
+        "OCPP",
+        f"  version: {_text(ocpp.get('ocpp_version'))}   connected: {online}   boot: {_text(ocpp.get('boot_status'))}"
+        f"   messages/min (5 min avg): {_text(ocpp.get('ocpp_csms_messages_per_minute'))}",
+        f"  last CSMS message: {_text(ocpp.get('ocpp_csms_last_message_at'))}   profiles: {features}",
+        f"  transaction queue: {_text(ocpp.get('queue_depth'))}   dead letters: {_text(ocpp.get('dead_letters'))}"
+        + (f"   last error: {ocpp['last_error']}" if ocpp.get("last_error") else ""),
+    ]
 
 
 def render_table(status: Mapping[str, Any], *, age_s: float | None = None) -> str:
@@ -700,4 +712,6 @@ def render_table(status: Mapping[str, Any], *, age_s: float | None = None) -> st
     lines.append("")
     uplink, outbox = status.get("uplink"), status.get("outbox")
     lines += _uplink_section(uplink if isinstance(uplink, dict) else {}, outbox if isinstance(outbox, dict) else {})
+    if isinstance(status.get("ocpp"), dict):
+        lines += ["", *_ocpp_section(status["ocpp"])]
     return "\n".join(lines)
