@@ -29,13 +29,11 @@ from typing import Any
 
 import structlog
 
-from hal.tick import sleep_to_grid
 
 from agent import __version__
 from agent.channels.ocpp import OcppService, start_ocpp, status_block, tellus_command_specs, with_ocpp_metadata
 from agent.channels.tellus.channel import TellusChannel
 from agent.channels.tellus.reporter import Reporter
-from agent.channels.tellus.uplink import Uplink
 from agent.charging.cabinet import check_cabinet
 from agent.charging.connector import Connector
 from agent.charging.faults import FaultBoard
@@ -48,7 +46,6 @@ from agent.config import AgentConfig, LoadedConfig
 from agent.firmware.command import firmware_command_spec
 from agent.firmware.manager import FirmwareManager
 from agent.maintenance.archive import SessionArchive
-from agent.maintenance.counters import FanRuntime
 from agent.maintenance.health import ComponentHealth
 from agent.maintenance.service_mode import ServiceMode, audit_hook
 from agent.service.companions import ArchiveCompanion, HealthCompanion, TelemetryCompanion
@@ -62,7 +59,6 @@ from agent.service.sdnotify import Notifier, Watchdog, default_notifier
 from agent.service.snapshot import StatusProjection
 from agent.service.status import StatusWriter, status_path
 from agent.store import Store, StoreError
-from hal.interfaces import DeviceSet, Thermal
 from hal.tasks import stop_tasks
 
 log = structlog.get_logger(__name__)
@@ -87,22 +83,6 @@ class Agent:
         self.channel: TellusChannel | None = None
         self.services: DiagnosticServices | None = None
         self.ocpp: OcppService | None = None
-
-    @property
-    def devices(self) -> DeviceSet | None:
-        return self.hardware.devices if self.hardware is not None else None
-
-    @property
-    def thermal(self) -> Thermal | None:
-        return self.hardware.thermal if self.hardware is not None else None
-
-    @property
-    def fan_runtime(self) -> FanRuntime | None:
-        return self.hardware.fan_runtime if self.hardware is not None else None
-
-    @property
-    def uplink(self) -> Uplink | None:
-        return self.channel.uplink if self.channel is not None else None
 
     def any_session(self) -> bool:
         return any(c.in_session() for c in self.connectors.values())
@@ -204,10 +184,7 @@ class Agent:
                 update_status=lambda: projection.systemd_status(self.notifier, self.watchdog),
             )
             tasks = [asyncio.create_task(housekeeping.run(), name="housekeeping")]
-            # the 1 s snapshot goes to the runtime directory (tmpfs), not the state directory
-            snapshot_file = status_path(state_dir, runtime_dir=cfg.charger.runtime_dir)
-            with contextlib.suppress(OSError):  # a failing writer reports itself
-                snapshot_file.parent.mkdir(parents=True, exist_ok=True)
+            snapshot_file = status_path(state_dir, runtime_dir=cfg.charger.runtime_dir)  # tmpfs under systemd
             status_writer = StatusWriter(snapshot_file, 1.0, lambda: projection.snapshot() | status_block(self.ocpp))
             await status_writer.start()
             stack.push_async_callback(status_writer.stop)

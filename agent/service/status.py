@@ -330,7 +330,8 @@ class StatusWriter:
       status rather than "not running", and returns False. A failed write returns
       False and keeps the old file. Never raises; each distinct error is logged once,
       the recovery once.
-    * ``start()`` writes once at once, then runs the loop as a task; ``stop()`` cancels
+    * ``start()`` creates the file's directory if missing (a failure shows in the writes),
+      writes once at once, then runs the loop as a task; ``stop()`` cancels
       it and leaves the last file in place (it ages into "not running"). Both are
       idempotent.
     """
@@ -388,6 +389,8 @@ class StatusWriter:
 
     async def start(self) -> None:
         if self._task is None:
+            with contextlib.suppress(OSError):
+                self.path.parent.mkdir(parents=True, exist_ok=True)
             self._task = asyncio.create_task(self.run(), name="status-writer")
             await asyncio.sleep(0)
 

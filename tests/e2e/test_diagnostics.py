@@ -317,7 +317,8 @@ async def in_process_scenario(bench: Bench) -> None:
     await bench.command(
         "calibrate_sensor", {"sensor": "control_board", "reference_value": round(raw + 1.5, 1)}, command_id="cal-ok"
     )
-    obs["calibrated_reading"] = agent.thermal.temperatures()["control_board"].celsius if agent.thermal else None
+    thermal = agent.hardware.thermal
+    obs["calibrated_reading"] = thermal.temperatures()["control_board"].celsius if thermal else None
     obs["raw_after"] = calibration.raw_value("control_board")
     await bench.command(
         "calibrate_sensor", {"sensor": "control_board", "reference_value": round(raw + 40.0, 1)}, command_id="cal-out-of-bounds"
@@ -328,22 +329,24 @@ async def in_process_scenario(bench: Bench) -> None:
     await bench.command("calibrate_sensor", {"sensor": "control_board", "reference_value": raw}, command_id="cal-service-off")
 
     # -- force_reconnect
-    assert agent.uplink is not None
-    obs["budget_before"] = agent.uplink.budget.used()
-    obs["reconnects_before"] = agent.uplink.stats.reconnects
+    assert agent.channel is not None
+    uplink = agent.channel.uplink
+    obs["budget_before"] = uplink.budget.used()
+    obs["reconnects_before"] = uplink.stats.reconnects
     obs["tokens_before"] = list(bench.tokens)
     obs["reconnect_first_seq"] = bench.seq()
     await bench.command("force_reconnect", command_id="reconnect")
-    obs["budget_after"] = agent.uplink.budget.used()
-    obs["reconnects_after"] = agent.uplink.stats.reconnects
+    obs["budget_after"] = uplink.budget.used()
+    obs["reconnects_after"] = uplink.stats.reconnects
     obs["tokens_after"] = list(bench.tokens)
     obs["used_tokens_after_reconnect"] = len(obs["used_tokens"])
 
     # -- reset_fan_counter (the fan has been running since the start)
-    assert agent.fan_runtime is not None
+    fan_runtime = agent.hardware.fan_runtime
+    assert fan_runtime is not None
     await bench.command("reset_fan_counter", {"fan": "no-such-fan"}, command_id="fan-unknown")
     await bench.command("reset_fan_counter", {"fan": 1}, command_id="fan-reset")
-    obs["fan_hours_after_reset"] = agent.fan_runtime.hours("cabinet")
+    obs["fan_hours_after_reset"] = fan_runtime.hours("cabinet")
 
     # -- a session on connector 1
     emu.queue_command(command="start_charging", connector_id=1, params={"transaction_id": SESSION_TX}, command_id="session-start")

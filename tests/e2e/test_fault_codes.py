@@ -252,12 +252,13 @@ async def running_agent(workdir: Path, *, ac_vehicle: bool = False) -> AsyncIter
         rig = Rig(agent, emu, task)
 
         def up() -> bool:
-            return bool(agent.uplink is not None and agent.uplink.online and rig.heartbeats())
+            return bool(agent.channel is not None and agent.channel.online and rig.heartbeats())
 
         await rig.until("the agent to start and send a heartbeat", up)
         await rig.until(
             "every device healthy",
-            lambda: agent.devices is not None and all(d.health().ok for d in agent.devices.all()),
+            lambda: agent.hardware is not None and agent.hardware.devices is not None
+            and all(d.health().ok for d in agent.hardware.devices.all()),
         )
         yield rig
     finally:
