@@ -9,8 +9,9 @@ validated the body (so types, enums and required fields are already checked):
 * **No unknown fields.** A top-level or nested key the schema does not name is refused
   (``details.field`` names it), except the project's documented extensions while
   ``accept_extensions`` is on: charging-record ``stop_reason``/``transaction_id``/
-  ``direction``, telemetry ``component_health``, command-status ``progress``.
-* ``component_health`` must match :class:`~agent.channels.tellus.extensions.ComponentHealthBlock`.
+  ``direction``, telemetry ``component_health`` and ``ocpp``, command-status ``progress``.
+* ``component_health`` must match :class:`~agent.channels.tellus.extensions.ComponentHealthBlock`,
+  ``ocpp`` :class:`~agent.channels.tellus.extensions.OcppMetadataBlock`.
 * ``connector_id`` must be one of the device's connectors (``settings.connectors``).
 * Telemetry ``power`` is kW: more than 1000 kW, or far more than ``voltage x current``
   allows (3 phases, 25 % margin, +1 kW), is refused as a unit error.
@@ -27,7 +28,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ValidationError
 
-from agent.channels.tellus.extensions import UTC_Z_TIMESTAMP, ComponentHealthBlock
+from agent.channels.tellus.extensions import UTC_Z_TIMESTAMP, ComponentHealthBlock, OcppMetadataBlock
 from agent.channels.tellus.models import (
     ChargingRecordUpload,
     DeviceCommandStatus,
@@ -54,7 +55,7 @@ TERMINAL = frozenset({"rejected", "completed", "failed"})
 _TIMESTAMP_FIELDS = ("timestamp", "start_time", "end_time")
 _EXTENSIONS: dict[type[BaseModel], frozenset[str]] = {
     ChargingRecordUpload: frozenset({"stop_reason", "transaction_id", "direction"}),
-    TelemetryUpload: frozenset({"component_health"}),
+    TelemetryUpload: frozenset({"component_health", "ocpp"}),
     DeviceCommandStatus: frozenset({"progress"}),
 }
 _NESTED: dict[type[BaseModel], dict[str, type[BaseModel]]] = {
@@ -115,9 +116,10 @@ def check_body(model: BaseModel, body: dict[str, Any], settings: Settings) -> No
         check_connector(model.connector_id, settings)
     if isinstance(model, TelemetryUpload):
         _check_power(model)
-        health = body.get("component_health")
         if "component_health" in body:
-            _check_health(health)
+            _check_block("component_health", ComponentHealthBlock, body["component_health"])
+        if "ocpp" in body:
+            _check_block("ocpp", OcppMetadataBlock, body["ocpp"])
     if isinstance(model, ChargingRecordUpload):
         if model.energy < 0:
             raise _invalid("energy", "must not be negative", model.energy)
@@ -134,15 +136,16 @@ def _check_power(model: TelemetryUpload) -> None:
         )
 
 
-def _check_health(value: Any) -> None:
+def _check_block(name: str, model: type[BaseModel], value: Any) -> None:
+    """An optional extension block: an object valid for ``model``, else 1001 naming the field."""
     if not isinstance(value, dict):
-        raise _invalid("component_health", "expected an object", value)
+        raise _invalid(name, "expected an object", value)
     try:
-        ComponentHealthBlock.model_validate(value)
+        model.model_validate(value)
     except ValidationError as exc:
         err = exc.errors(include_url=False)[0]
         loc = ".".join(str(p) for p in err["loc"])
-        field = f"component_health.{loc}" if loc else "component_health"
+        field = f"{name}.{loc}" if loc else name
         raise _invalid(field, str(err["msg"]), err.get("input")) from None
 
 

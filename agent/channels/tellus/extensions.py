@@ -11,6 +11,10 @@
 * values the agent does not know are omitted, never sent as 0 (see
   :mod:`agent.maintenance.health`).
 
+:class:`OcppMetadataBlock` is the optional ``ocpp`` block of a telemetry upload (the proposed
+device metadata fields of §14.3, sent only with ``[ocpp] send_metadata``): every key is
+optional, unknown keys are refused.
+
 :data:`CDR_EXTENSIONS` are the charging-record extension keys (``stop_reason``,
 ``transaction_id``, ``direction``; platform-api §7.3 Project choice).
 """
@@ -25,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agent.channels.tellus.models import ApiNumber, ApiString
 
-__all__ = ["CDR_EXTENSIONS", "UTC_Z_TIMESTAMP", "ComponentHealthBlock", "InternalTemps"]
+__all__ = ["CDR_EXTENSIONS", "UTC_Z_TIMESTAMP", "ComponentHealthBlock", "InternalTemps", "OcppMetadataBlock"]
 
 CDR_EXTENSIONS = ("stop_reason", "transaction_id", "direction")
 UTC_Z_TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?Z$")
@@ -67,4 +71,18 @@ class ComponentHealthBlock(_Strict):
             self.last_isolation_test
         ):
             raise ValueError("last_isolation_test: expected an ISO 8601 UTC time ending in Z")
+        return self
+
+
+class OcppMetadataBlock(_Strict):
+    ocpp_version: Literal["1.6-J", "2.0.1"] | None = None
+    ocpp_csms_messages_per_minute: Count | None = None
+    ocpp_csms_last_message_at: ApiString | None = None
+    ocpp_negotiated_features: list[ApiString] | None = None
+
+    @model_validator(mode="after")
+    def _utc_time(self) -> "OcppMetadataBlock":
+        at = self.ocpp_csms_last_message_at
+        if at is not None and not UTC_Z_TIMESTAMP.match(at):
+            raise ValueError("ocpp_csms_last_message_at: expected a UTC time like 2025-03-15T10:30:00Z")
         return self

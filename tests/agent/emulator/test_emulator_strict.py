@@ -53,6 +53,12 @@ HEALTH = {
          {**TELEMETRY, "component_health": {k: v for k, v in HEALTH.items() if k != "last_isolation_test"}},
          "component_health"),
         (DeviceEndpoint.TELEMETRY, {**TELEMETRY, "component_health": "ok"}, "component_health"),
+        (DeviceEndpoint.TELEMETRY, {**TELEMETRY, "ocpp": {"ocpp_version": "1.5"}}, "ocpp.ocpp_version"),
+        (DeviceEndpoint.TELEMETRY, {**TELEMETRY, "ocpp": {"ocpp_csms_messages_per_minute": -1}},
+         "ocpp.ocpp_csms_messages_per_minute"),
+        (DeviceEndpoint.TELEMETRY, {**TELEMETRY, "ocpp": {"ocpp_csms_last_message_at": "2025-03-15T10:30:00+01:00"}},
+         "ocpp"),
+        (DeviceEndpoint.TELEMETRY, {**TELEMETRY, "ocpp": {"csms": "x"}}, "ocpp.csms"),
         (DeviceEndpoint.TELEMETRY, {**TELEMETRY, "connector_id": 3}, "connector_id"),
         (DeviceEndpoint.EVENTS, {**EVENT, "connector_id": 7}, "connector_id"),
         (DeviceEndpoint.CHARGING_RECORDS, {**CDR, "energy": -1.0}, "energy"),
@@ -71,6 +77,9 @@ async def test_documented_extensions_are_accepted_unless_switched_off(
     cdr = {**CDR, "stop_reason": "user_request", "transaction_id": "tx-1", "direction": "charge"}
     assert_ok(await device.post(DeviceEndpoint.CHARGING_RECORDS, cdr))
     assert_ok(await device.post(DeviceEndpoint.TELEMETRY, {**TELEMETRY, "component_health": HEALTH}))
+    ocpp = {"ocpp_version": "1.6-J", "ocpp_csms_messages_per_minute": 2.4, "ocpp_csms_last_message_at": "2025-03-15T10:29:58Z",
+            "ocpp_negotiated_features": ["Core", "SmartCharging"]}
+    assert_ok(await device.post(DeviceEndpoint.TELEMETRY, {**TELEMETRY, "ocpp": ocpp}))
     emulator.context.store.settings.accept_extensions = False
     strict = await device.post(DeviceEndpoint.CHARGING_RECORDS, {**cdr, "record_id": "rec-2"})
     assert_error(strict, ErrorCode.INVALID_PARAMETER, field="stop_reason")
