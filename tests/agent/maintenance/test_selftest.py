@@ -218,7 +218,8 @@ async def test_a_healthy_charger_passes_every_check_and_reports_progress(rig: Ri
     imd = report.check("connector1.imd")
     assert imd.value["resistance_kohm"] > FAST.isolation_fault_kohm
     assert report.check("fan.cabinet").value["rpm"] >= FAST.fan_low_fraction * 1800
-    assert report.check("connector2.meter").value["phase_voltages_v"] == [230.0, 230.0, 230.0]
+    # the simulated SDM630 ripples its voltages by up to 0.05 V (rounded to 0.1 V here)
+    assert report.check("connector2.meter").value["phase_voltages_v"] == pytest.approx([230.0] * 3, abs=0.11)
 
     details = report.to_details()
     assert details["passed"] is True and details["summary"] == {"pass": 11, "fail": 0, "skipped": 0}
