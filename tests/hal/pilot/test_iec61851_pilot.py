@@ -315,3 +315,25 @@ def test_options_validation_and_registry(tmp_path: Path) -> None:
         Iec61851Vehicle.Options.model_validate({**base, "divider_ratio": 0.0})
     with pytest.raises(ValidationError):
         Iec61851Vehicle.Options.model_validate({**base, "window_v": 1.6})  # windows would overlap
+
+
+async def test_sampling_is_fast_only_while_charging_is_offered(rig: Rig) -> None:
+    v = rig.vehicle(poll_interval_s=0.05, idle_poll_interval_s=0.2)
+    await v.start()
+    assert v.sample_period() == 0.2  # 100 %: no PWM, the EV cannot draw current
+    await v.set_pwm_duty(53.3)
+    assert v.sample_period() == 0.05
+    await v.set_pwm_duty(0.0)
+    assert v.sample_period() == 0.2
+
+
+async def test_an_unchanged_duty_is_not_rewritten(rig: Rig) -> None:
+    v = rig.vehicle()
+    await v.start()
+    await v.set_pwm_duty(53.3)
+    duty_file = rig.sim.layout.pwm_dir / "duty_cycle"
+    duty_file.write_text("123\n")  # somebody else's write shows whether we write again
+    await v.set_pwm_duty(53.3)
+    assert rig.pwm("duty_cycle") == "123"
+    await v.set_pwm_duty(5.0)
+    assert rig.pwm("duty_cycle") == "50000"

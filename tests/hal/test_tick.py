@@ -1,0 +1,47 @@
+"""The shared tick grid: periodic loops with commensurate periods wake at the same instant."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from hal.tick import Wakeup, next_boundary, sleep_to_grid
+
+
+def test_next_boundary_is_the_next_multiple() -> None:
+    assert next_boundary(10.03, 0.1) == pytest.approx(10.1)
+    assert next_boundary(10.1, 0.1) == pytest.approx(10.2)  # on a boundary: the next one
+    assert next_boundary(3.2, 1.0) == pytest.approx(4.0)
+    with pytest.raises(ValueError):
+        next_boundary(1.0, 0.0)
+
+
+async def test_loops_with_commensurate_periods_share_wakeups() -> None:
+    loop = asyncio.get_running_loop()
+    woke: dict[str, list[float]] = {"fast": [], "slow": []}
+
+    async def run(name: str, period: float, count: int) -> None:
+        for _ in range(count):
+            await sleep_to_grid(period)
+            woke[name].append(loop.time())
+
+    await asyncio.gather(run("fast", 0.05, 8), run("slow", 0.1, 4))
+    fast = {round(t / 0.05) for t in woke["fast"]}
+    slow = {round(t / 0.05) for t in woke["slow"]}
+    assert slow <= fast  # every slow wake-up is also a fast one: one wake-up for both
+    assert all(t % 0.05 < 0.02 or t % 0.05 > 0.048 for t in woke["fast"])  # on the grid
+
+
+async def test_wakeup_ends_the_wait_early_and_stays_set_until_cleared() -> None:
+    loop = asyncio.get_running_loop()
+    flag = Wakeup()
+    t0 = loop.time()
+    loop.call_later(0.02, flag.set)
+    await flag.wait_until(t0 + 5.0)
+    assert loop.time() - t0 < 1.0 and flag.is_set()
+    await flag.wait_for_tick(10.0)  # still set: returns at once
+    flag.clear()
+    t1 = loop.time()
+    await flag.wait_until(t1 + 0.05)  # nobody sets it: the deadline ends the wait
+    assert loop.time() - t1 >= 0.045
