@@ -26,6 +26,9 @@ Rules shared by every device (stated once here, assumed by every docstring below
 * **Bad input from the device** (garbage frames, impossible values, CRC errors) is
   counted and discarded; it never raises into the caller and never updates a
   published value.
+
+Why one module of ~520 lines: every device contract of the HAL in one place, so a driver
+author reads all of them (and the shared Health/snapshot types) at once.
 """
 
 from __future__ import annotations

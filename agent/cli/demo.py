@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import IO, Any, Awaitable, Callable
 
 import aiohttp
 
@@ -51,6 +51,19 @@ async def _until(what: str, check: Callable[[], Awaitable[Any]], timeout: float,
     raise DemoFailed(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+async def spawn_agent(config: Path, api_url: str, workdir: Path, log_file: IO[str]) -> asyncio.subprocess.Process:
+    """``charger-agent run`` as a child process on ``config``, state and simulator under ``workdir``."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent", "run",
+        "--config", str(config),
+        "--platform-url", api_url,
+        "--state-dir", str(workdir / "state"),
+        "--sim-root", str(workdir / "sim"),
+        stdout=log_file, stderr=log_file,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
 async def run_demo(config: Path, *, duration_s: float = 25.0) -> int:
     from agent.service import logs
 
@@ -65,15 +78,7 @@ async def run_demo(config: Path, *, duration_s: float = 25.0) -> int:
     proc: asyncio.subprocess.Process | None = None
     try:
         with log_path.open("w") as log_file:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "agent", "run",
-                "--config", str(config),
-                "--platform-url", emulator.api_url,
-                "--state-dir", str(workdir / "state"),
-                "--sim-root", str(workdir / "sim"),
-                stdout=log_file, stderr=log_file,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
+            proc = await spawn_agent(config, emulator.api_url, workdir, log_file)
         _print(f"agent               pid {proc.pid}, logs in {log_path}")
         async with aiohttp.ClientSession() as http:
             result = await _scenario(emulator, http, proc, workdir, duration_s, tty)

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +27,7 @@ from typing import Any
 import aiohttp
 from ocpp.v16 import call
 
-from agent.cli.demo import DemoFailed, _print, _until
+from agent.cli.demo import DemoFailed, _print, _until, spawn_agent
 from agent.csms import Csms
 from agent.emulator import Emulator
 from agent.emulator.operator_models import RequestKind
@@ -71,15 +69,7 @@ async def run_ocpp_demo(config: Path, *, duration_s: float = 20.0) -> int:
     printer = asyncio.create_task(_print_traffic(csms, emulator))
     try:
         with log_path.open("w") as log_file:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "agent", "run",
-                "--config", str(cfg_path),
-                "--platform-url", emulator.api_url,
-                "--state-dir", str(workdir / "state"),
-                "--sim-root", str(workdir / "sim"),
-                stdout=log_file, stderr=log_file,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
+            proc = await spawn_agent(cfg_path, emulator.api_url, workdir, log_file)
         _print(f"agent               pid {proc.pid}, logs in {log_path}")
         tx = await _scenario(csms, emulator, proc, workdir, duration_s)
         records = await _until("the Tellus charging record", _records(emulator), 20, proc)

@@ -59,7 +59,7 @@ class BundleError(Exception):
 
 
 def generate_keypair() -> tuple[Ed25519PrivateKey, Ed25519PublicKey]:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     private = Ed25519PrivateKey.generate()
     return private, private.public_key()
 
@@ -79,7 +79,7 @@ def private_key_pem(key: Ed25519PrivateKey) -> bytes:
 
 def _public_from_text(text: str) -> Ed25519PublicKey | None:
     from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
     text = text.strip()
     if text.startswith("-----BEGIN"):
         try:

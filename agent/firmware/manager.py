@@ -43,6 +43,9 @@ final report. After a restart :meth:`after_start` reads it:
   reason, the failed release is removed;
 * any earlier stage: the agent stopped before installing -> ``failed`` "interrupted".
   The partial download is kept, so a new command for the same file resumes it.
+
+Why one module of ~510 lines: the upgrade state machine (download, verify, hold, install,
+health gate, rollback) persists one record through every step.
 """
 
 from __future__ import annotations

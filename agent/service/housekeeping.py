@@ -15,7 +15,6 @@ others, and the watchdog keeps being fed only while the loop itself runs.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Callable
 
 import structlog

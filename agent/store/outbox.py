@@ -38,6 +38,10 @@ Contract
 Payloads are JSON objects, encoded before the call first suspends (``await put(...)`` copies
 the dict before anything else runs), so later mutations are never seen. Payloads are never
 logged (they may hold a VIN).
+
+Why one module of ~700 lines: put, batch, ack/nack, dead letters, the unit of work and the
+disk-budget thinning share one writer connection, one lock and one set of in-memory
+counters; split apart, each half would have to reach into the other's private state.
 """
 
 from __future__ import annotations

@@ -37,6 +37,10 @@ hooks); this module owns the behaviour:
   counted against the module that sent it and discarded; it never updates a value.
   Any garbage within the last ``comm_timeout_s`` makes the group DEGRADED
   (``garbage_frames``).
+
+Why ~560 lines after the split into module_table/current_split/module_sender/
+module_protocol/module_options/module_describe: what remains is the one driver lifecycle
+(start, poll, command, stop) both protocols share.
 """
 
 from __future__ import annotations

@@ -50,6 +50,9 @@ reported only while fresh *and* while the pilot shows a plugged EV (B/C/D), so a
 previous session's data never leaks into the next one. Stale HLC data makes the
 device ``DEGRADED``/``comm_timeout`` (the pilot itself is still trusted).
 With ``hlc = "none"`` those fields are always ``None``.
+
+Why one module of ~520 lines: one driver (ADC sampling, PWM, debouncing, HLC file) whose
+parts run on one sample clock.
 """
 
 from __future__ import annotations

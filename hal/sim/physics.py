@@ -60,6 +60,9 @@ Model summary (constants below):
   time and connector id).
 * **Plug-in scheduling.** When ``world.time >= plug_in_at`` the vehicle plugs in
   and ``plug_in_at`` is cleared.
+
+Why one module of ~540 lines: it is one coupled model (modules, contactor, battery, meter,
+temperatures) advanced in one step; splitting it would split the equations of one tick.
 """
 
 from __future__ import annotations

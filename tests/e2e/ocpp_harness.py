@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
+from ocpp.v16 import call
 
 from agent.csms import Csms
 from agent.emulator import Emulator
@@ -68,6 +69,15 @@ class OcppRig(Rig):
 
     async def booted(self) -> None:
         await self.until("boot accepted at the CSMS", lambda: self.cs.connected(CP_ID), timeout=30)
+
+    async def remote_start(self, tag: str, *, sample_interval_s: int = 5) -> None:
+        """Start the agent, wait for boot and plug-in, set MeterValueSampleInterval, RemoteStart ``tag``."""
+        await self.start()
+        await self.booted()
+        await self.plugged()
+        interval = call.ChangeConfiguration(key="MeterValueSampleInterval", value=str(sample_interval_s))
+        assert (await self.cs.call(CP_ID, interval)).status == "Accepted"
+        assert (await self.cs.call(CP_ID, call.RemoteStartTransaction(id_tag=tag, connector_id=1))).status == "Accepted"
 
     async def control(self, path: str, body: dict[str, Any] | None = None) -> Any:
         port = (self.run.sim_root / "control.port").read_text().strip()

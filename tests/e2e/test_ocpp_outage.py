@@ -26,11 +26,7 @@ MARKS: dict[str, Any] = {}
 
 async def scenario(rig: OcppRig) -> OcppRig:
     cs = rig.cs
-    await rig.start()
-    await rig.booted()
-    await rig.plugged()
-    assert (await cs.call(CP_ID, call.ChangeConfiguration(key="MeterValueSampleInterval", value="5"))).status == "Accepted"
-    assert (await cs.call(CP_ID, call.RemoteStartTransaction(id_tag="OUTAGE-1", connector_id=1))).status == "Accepted"
+    await rig.remote_start("OUTAGE-1")
     await rig.until("StartTransaction", lambda: rig.payloads("StartTransaction"), timeout=40)
     await rig.until("a MeterValues", lambda: rig.payloads("MeterValues"), timeout=20)
     MARKS["values_before"] = len(rig.payloads("MeterValues"))

@@ -47,6 +47,10 @@ Contract:
   the injected ``sleep`` and every measurement through the injected ``clock``
   (monotonic seconds); only HTTP timeouts and :meth:`Uplink.stop`'s timeout run on the
   event loop's clock. The wall clock is read for timestamps only.
+
+Why one module of ~560 lines: the heartbeat, long-poll loops and the one reconnect
+supervisor share the link state (online, generation, budget) that decides when each may run;
+the outbox sender already lives apart (:mod:`agent.channels.tellus.sender`).
 """
 
 from __future__ import annotations
