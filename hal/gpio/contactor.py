@@ -47,6 +47,10 @@ Behaviour, beyond the interface contract:
   never fails an operation.
 * If the chip is missing at ``start()`` the driver stays OFFLINE and retries the
   request every second.
+
+Why one module of ~640 lines: the close/open sequences, the mirror watch and the weld
+latch are one safety interlock over one pair of lines; its persisted cycle counter and
+weld state are written by the same sequences.
 """
 
 from __future__ import annotations
