@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from hal.interfaces import monotonic
+
 from hal.context import BuildContext
 from hal.gpio.contactor import GpioContactor
 from hal.gpio.lines import LineError, LinePair
@@ -434,7 +436,12 @@ async def test_idle_watcher_waits_for_edges_not_a_poll(rig: Rig) -> None:
     c = rig.contactor(edge_backstop_ms=10_000.0, idle_poll_interval_ms=1000.0)
     await c.start()
     await wait_until(lambda: c.health().ok)
-    await asyncio.sleep(0.2)  # past the start-up settle window: steady state
+    # past the start-up settle window (it ends one fast poll after _settle_until): steady state
+    await wait_until(lambda: monotonic() > c._settle_until + 0.1)
+    await asyncio.sleep(0.1)
+    loop = asyncio.get_running_loop()
+    if loop.time() % 10.0 > 9.0:  # the edge backstop fires on the 10 s grid: keep the window clear of it
+        await asyncio.sleep(1.5)
     reads = 0
     original = c._lines.get_input
 
