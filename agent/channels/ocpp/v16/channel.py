@@ -125,6 +125,7 @@ class OcppV16Channel(Operations):
         await self.auth.load()
         self.inoperative = set(await self.journal.kv_get(AVAILABILITY_KEY, []))
         self.profiles.load(await self.journal.kv_get(PROFILES_KEY, []))
+        self.profiles.attach()
         self.metrics.dead_letters = await self.journal.dead_count()
         self.tracker = TxTracker(
             self.port, self.journal, self.settings, self._wake_sender.set, self.send_volatile, self.cfg.free_vend_id_tag
@@ -147,6 +148,7 @@ class OcppV16Channel(Operations):
         for task in [self._task, *self._tasks, *self._background]:
             await cancel_quietly(task)
         self._task, self._tasks = None, []
+        self.profiles.detach()
         self._accepted.clear()
         self.metrics.connected = False
 

@@ -15,6 +15,7 @@ class FakeConnector:
         self.config = SimpleNamespace(max_voltage_v=500, phases=3, max_power_kw=22.0)
         self.hw = SimpleNamespace(meter=SimpleNamespace(reading=lambda: None))
         self.limits: dict[str, float] = {}
+        self.session: Any = None
 
     def set_limit(self, source: str, kw: float | None) -> None:
         if kw is None:
@@ -103,3 +104,100 @@ def test_composite_schedule() -> None:
     _start, schedule = result
     assert schedule["charging_schedule_period"][0] == {"start_period": 0, "limit": 6000.0}
     assert p.composite(9, 600, None) is None
+
+
+# ---------------------------------------------------------------------- ChargePointMaxProfile: a shared budget
+
+
+def _charging(conn: FakeConnector, power_kw: float | None = None) -> None:
+    conn.session = SimpleNamespace(request=SimpleNamespace(power_kw=power_kw))
+
+
+def test_share_is_max_min_fair_and_never_exceeds_the_budget() -> None:
+    from agent.channels.ocpp.budget import share
+
+    assert share(10.0, {1: 22.0, 2: 22.0}) == {1: 5.0, 2: 5.0}
+    assert share(10.0, {1: 3.0, 2: 22.0}) == {1: 3.0, 2: 7.0}  # what 1 cannot use goes to 2
+    assert share(12.0, {1: 3.0, 2: 4.0, 3: 22.0}) == {1: 3.0, 2: 4.0, 3: 5.0}
+    assert share(10.0, {1: 3.0, 2: 4.0, 3: 22.0}) == {1: 3.0, 2: 3.5, 3: 3.5}
+    assert share(10.0, {1: 2.0, 2: 2.0}) == {1: 2.0, 2: 2.0}  # budget left unused: no one exceeds its ceiling
+    thirds = share(10.0, {1: 50.0, 2: 50.0, 3: 50.0})
+    assert sum(thirds.values()) <= 10.0 and min(thirds.values()) == 3.333
+    assert share(-1.0, {1: 5.0}) == {1: 0.0}
+    assert share(10.0, {}) == {}
+
+
+def test_charge_point_max_is_shared_by_the_charging_connectors_in_watts() -> None:
+    p, conns = _profiles()
+    assert p.set(0, _profile(1, "ChargePointMaxProfile", 0, 10000)) == "Accepted"
+    assert conns[1].limits["ocpp"] == 10.0 and conns[2].limits["ocpp"] == 10.0  # nobody charging: each could take all
+    _charging(conns[1])
+    p.apply()
+    assert conns[1].limits["ocpp"] == 10.0  # alone: the whole budget
+    assert conns[2].limits["ocpp"] == 5.0  # idle: the share it gets when it starts
+    _charging(conns[2])
+    p.apply()
+    assert conns[1].limits["ocpp"] + conns[2].limits["ocpp"] == 10.0 and conns[1].limits["ocpp"] == 5.0
+    conns[1].session = None  # session on 1 ended
+    p.apply()
+    assert conns[2].limits["ocpp"] == 10.0
+
+
+def test_own_profiles_first_then_the_rest_of_the_budget_in_amps() -> None:
+    p, conns = _profiles()
+    _charging(conns[1])
+    _charging(conns[2])
+    cp_amps = 32  # per phase at the grid connection: 32 A x 230 V x 3 = 22.08 kW
+    assert p.set(0, _profile(1, "ChargePointMaxProfile", 0, cp_amps, unit="A")) == "Accepted"
+    assert p.set(1, _profile(2, "TxDefaultProfile", 0, 6, unit="A")) == "Accepted"  # 6 A x 230 V x 3 = 4.14 kW on AC
+    own = round(6 * 230 * 3 / 1000, 3)
+    assert round(conns[1].limits["ocpp"], 3) == own
+    assert round(conns[2].limits["ocpp"], 3) == round(cp_amps * 230 * 3 / 1000 - own, 3)  # 2 gets the rest
+    # a Tellus limit on 2 (another limit source) frees budget for 1 only up to 1's own limit
+    conns[2].limits["remote_limit"] = 2.0
+    p.apply()
+    assert conns[2].limits["ocpp"] == 2.0 and round(conns[1].limits["ocpp"], 3) == own
+    p.clear(2, None, None, None)
+    assert round(conns[1].limits["ocpp"], 3) == round(cp_amps * 230 * 3 / 1000 - 2.0, 3)
+
+
+def test_charge_point_max_stack_levels_and_recurrency() -> None:
+    p, conns = _profiles()
+    _charging(conns[1])
+    _charging(conns[2])
+    now = datetime.now(timezone.utc)
+    p.set(0, _profile(1, "ChargePointMaxProfile", 0, 20000))
+    night = _profile(2, "ChargePointMaxProfile", 1, 8000, kind="Recurring", recurrency_kind="Daily", schedule={
+        "start_schedule": (now - timedelta(days=2, minutes=30)).isoformat(), "duration": 3600,
+    })
+    p.set(0, night)
+    assert conns[1].limits["ocpp"] == 4.0 and conns[2].limits["ocpp"] == 4.0  # level 1, 30 min into today's hour
+    later = now + timedelta(hours=2)  # outside the recurring window: level 0 applies again
+    assert p.allocation(later) == {1: 10.0, 2: 10.0}
+    tomorrow = now + timedelta(days=1)  # the same window a day later
+    assert p.allocation(tomorrow) == {1: 4.0, 2: 4.0}
+
+
+def test_composite_schedule_of_connector_zero_is_the_charge_point_schedule() -> None:
+    p, conns = _profiles()
+    _charging(conns[1])
+    _charging(conns[2])
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    stepped = _profile(1, "ChargePointMaxProfile", 0, 0, schedule={
+        "start_schedule": now.isoformat(),
+        "charging_schedule_period": [{"start_period": 0, "limit": 12000}, {"start_period": 90, "limit": 30000}, {"start_period": 200, "limit": 6000}],
+    }, kind="Absolute")
+    p.set(0, stepped)
+    result = p.composite(0, 600, "W")
+    assert result is not None
+    periods = result[1]["charging_schedule_period"]
+    # exact boundaries; 30 kW is capped by the connectors' ratings (2 x 22 kW = 44 kW: not binding)
+    assert [(q["start_period"], q["limit"]) for q in periods] == [(0, 12000.0), (90, 30000.0), (200, 6000.0)]
+    per_connector = p.composite(1, 600, "W")
+    assert per_connector is not None
+    assert [(q["start_period"], q["limit"]) for q in per_connector[1]["charging_schedule_period"]] == [(0, 6000.0), (90, 15000.0), (200, 3000.0)]
+    amps = p.composite(0, 60, "A")
+    assert amps is not None and amps[1]["charging_schedule_period"][0]["limit"] == round(12000 / (230 * 3), 1)
+    p.clear(1, None, None, None)
+    uncapped = p.composite(0, 60, "W")
+    assert uncapped is not None and uncapped[1]["charging_schedule_period"] == [{"start_period": 0, "limit": 44000.0}]
