@@ -188,8 +188,12 @@ def write_json_atomic(path: str | os.PathLike[str], document: Any, *, mode: int 
     :class:`OSError` (the old file is kept) and ``TypeError``/``ValueError`` for a
     document that is not JSON (non-finite floats included).
     """
+    write_text_atomic(path, json.dumps(document, separators=(",", ":"), allow_nan=False) + "\n", mode=mode)
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str, *, mode: int = FILE_MODE) -> None:
+    """:func:`write_json_atomic` for a document already serialised (``text``)."""
     target = Path(path)
-    text = json.dumps(document, separators=(",", ":"), allow_nan=False) + "\n"
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -362,7 +366,7 @@ class StatusWriter:
     def write_once(self) -> bool:
         try:
             snapshot = self._stamp(dict(self.collect()))
-            json.dumps(snapshot, allow_nan=False)
+            text = json.dumps(snapshot, separators=(",", ":"), allow_nan=False) + "\n"  # serialised once
         except Exception as exc:  # noqa: BLE001 - a status page must never stop the agent
             error = f"{type(exc).__name__}: {exc}"
             now = time.time()
@@ -373,8 +377,8 @@ class StatusWriter:
                 return self._failed(f"{error}; write: {write_exc}")
             return self._failed(error)
         try:
-            write_json_atomic(self.path, snapshot)
-        except (OSError, TypeError, ValueError) as exc:
+            write_text_atomic(self.path, text)
+        except OSError as exc:
             return self._failed(f"{type(exc).__name__}: {exc}")
         if self._last_error is not None:
             log.info("status_snapshot_recovered", path=str(self.path))

@@ -259,10 +259,22 @@ class CanPort:
         spacing = self.config.tx_spacing_ms / 1000.0
         last = -math.inf
         while True:
-            delay = last + spacing - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            item = await queue.get()
+            item: _TxItem | None = None
+            if queue.empty():
+                # idle bus: wait for the next frame first, so a lone frame costs no extra
+                # wake-up for the spacing after it (most frames are sent one at a time)
+                item = await queue.get()
+                if loop.time() - last < spacing:
+                    # within the gap after the previous frame: back into the queue (no await in
+                    # between, so it fits), and an urgent frame queued meanwhile still goes first
+                    queue.put_nowait(item)
+                    queue.task_done()
+                    item = None
+            if item is None:
+                delay = last + spacing - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                item = await queue.get()
             try:
                 if item.done.cancelled():
                     self._tx_cancelled += 1  # withdrawn by its sender (e.g. ON overtaken by OFF)
