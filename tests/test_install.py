@@ -41,11 +41,12 @@ def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
             shutil.copy(item, src / name)
     out = tmp_path_factory.mktemp("wheelhouse")
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--disable-pip-version-check", "-q", "-w", str(out), str(src)],
+        # the build backend (setuptools, wheel) is in the test extra: no package index needed
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--disable-pip-version-check",
+         "-q", "-w", str(out), str(src)],
         capture_output=True, text=True, timeout=300,
-    )
-    if proc.returncode != 0:
-        pytest.skip(f"cannot build the project wheel (its build backend comes from the package index): {proc.stderr[-500:]}")
+    )  # fmt: skip
+    assert proc.returncode == 0, f"cannot build the project wheel: {proc.stderr[-800:]}"
     assert list(out.glob(f"charger_agent-{VERSION}-*.whl"))
     return out
 
