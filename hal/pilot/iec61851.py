@@ -133,10 +133,11 @@ class Iec61851Vehicle:
     class Options(StrictModel):
         poll_interval_s: float = Field(default=0.05, gt=0.0, le=1.0)
         idle_poll_interval_s: float = Field(
-            default=0.2, gt=0.0, le=1.0,
+            default=0.25, gt=0.0, le=1.0,
             description=(
                 "sample period while no charging is offered (PWM at 100 % or 0 %): the EV "
-                "cannot draw current then, so only plug-in detection waits on it"
+                "cannot draw current then, so only plug-in detection waits on it; 0.25 s "
+                "shares every wake-up of the 0.5 s idle control tick"
             ),
         )
         adc_raw_path: str = Field(..., min_length=1, description="IIO in_voltageN_raw")

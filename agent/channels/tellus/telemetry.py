@@ -26,6 +26,7 @@ import structlog
 
 from agent.charging.connector import Connector, ConnectorState
 from agent.utctime import to_iso, utc_now
+from hal.tick import next_boundary
 
 log = structlog.get_logger(__name__)
 
@@ -120,7 +121,10 @@ class TelemetrySampler:
                 await self.put(body)
             active = self.connector.state in (ConnectorState.CHARGING, ConnectorState.DISCHARGING)
             try:
-                await asyncio.wait_for(self._changed.wait(), self.active_s if active else self.idle_s)
+                # deadline on the shared tick grid (hal.tick): wakes with the other periodic jobs
+                period = self.active_s if active else self.idle_s
+                now = asyncio.get_running_loop().time()
+                await asyncio.wait_for(self._changed.wait(), next_boundary(now, period) - now)
             except asyncio.TimeoutError:
                 pass
             self._changed.clear()

@@ -14,6 +14,7 @@ import structlog
 
 from agent.maintenance.archive.model import CompactReport, _unix
 from agent.maintenance.archive.writer import SessionArchive
+from hal.tick import next_boundary
 
 if TYPE_CHECKING:
     from agent.charging.connector import Connector
@@ -140,19 +141,16 @@ class SessionRecorder:
         sessions the shutdown ended. Compaction runs beside the polling, never two at once.
         """
         loop = asyncio.get_running_loop()
-        next_poll = loop.time()
-        next_compact = next_poll
+        next_compact = loop.time()
         while not stop.is_set():
             if loop.time() >= next_compact and (self._compaction is None or self._compaction.done()):
                 self._compaction = asyncio.create_task(self.archive.compact(), name="archive-compact")
                 next_compact = loop.time() + self.archive.config.compact_interval_s
             await self.poll()
-            next_poll += 1.0
-            delay = next_poll - loop.time()
-            if delay < 0:  # fell behind (slow disk, suspended process): skip, do not burst
-                next_poll, delay = loop.time() + 1.0, 1.0
+            # the next second of the shared tick grid (hal.tick): a slow poll skips a slot,
+            # never bursts, and the wake-up is shared with every other 1 s job
             try:
-                await asyncio.wait_for(stop.wait(), delay)
+                await asyncio.wait_for(stop.wait(), next_boundary(loop.time(), 1.0) - loop.time())
             except TimeoutError:
                 pass
         await self.poll()
