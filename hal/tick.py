@@ -35,6 +35,23 @@ async def sleep_to_grid(period: float) -> None:
     await asyncio.sleep(next_boundary(now, period) - now)
 
 
+async def wait_event_to_grid(event: asyncio.Event, period: float) -> bool:
+    """Until ``event`` is set or the next multiple of ``period``, whichever is first.
+
+    Returns ``True`` when the event ended the wait. For an event owned by somebody else
+    (a stop signal); a loop's own "news" flag is cheaper as a :class:`Wakeup`.
+    """
+    if event.is_set():
+        return True
+    loop = asyncio.get_running_loop()
+    now = loop.time()
+    try:
+        await asyncio.wait_for(event.wait(), next_boundary(now, period) - now)
+    except TimeoutError:
+        return False
+    return True
+
+
 def _wake(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)

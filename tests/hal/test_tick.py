@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from hal.tick import Wakeup, next_boundary, sleep_to_grid
+from hal.tick import Wakeup, next_boundary, sleep_to_grid, wait_event_to_grid
 
 
 def test_next_boundary_is_the_next_multiple() -> None:
@@ -45,3 +45,31 @@ async def test_wakeup_ends_the_wait_early_and_stays_set_until_cleared() -> None:
     t1 = loop.time()
     await flag.wait_until(t1 + 0.05)  # nobody sets it: the deadline ends the wait
     assert loop.time() - t1 >= 0.045
+
+
+async def test_wait_event_to_grid_returns_on_the_grid_or_when_set() -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    assert await wait_event_to_grid(stop, 0.05) is False  # nobody set it: the next grid slot
+    assert loop.time() % 0.05 < 0.02 or loop.time() % 0.05 > 0.048
+    loop.call_later(0.01, stop.set)
+    t0 = loop.time()
+    assert await wait_event_to_grid(stop, 10.0) is True  # set: long before the 10 s slot
+    assert loop.time() - t0 < 1.0
+    assert await wait_event_to_grid(stop, 10.0) is True  # already set: at once
+
+
+def test_idle_periods_share_one_grid() -> None:
+    """The idle wake-ups coincide: pilot sampling, connector control, service-mode poll, 1 s jobs.
+
+    Changing one default without the others would add a wake-up of its own (README: footprint).
+    """
+    from agent.charging.config import ChargingSection
+    from agent.maintenance.service_mode import POLL_INTERVAL_S
+    from hal.pilot.iec61851 import Iec61851Vehicle
+
+    pilot = Iec61851Vehicle.Options.model_fields["idle_poll_interval_s"].default
+    control = ChargingSection.model_fields["idle_tick_s"].default
+    for period in (control, POLL_INTERVAL_S, 1.0):
+        ratio = period / pilot
+        assert ratio == pytest.approx(round(ratio)) and round(ratio) >= 1, (period, pilot)

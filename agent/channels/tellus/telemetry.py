@@ -26,7 +26,7 @@ import structlog
 
 from agent.charging.connector import Connector, ConnectorState
 from agent.utctime import to_iso, utc_now
-from hal.tick import next_boundary
+from hal.tick import Wakeup
 
 log = structlog.get_logger(__name__)
 
@@ -93,7 +93,7 @@ class TelemetrySampler:
         self.component_health = component_health
         self.health_missing = health_missing
         self.first_sample_wait_s = first_sample_wait_s
-        self._changed = asyncio.Event()
+        self._changed = Wakeup()
 
     def state_changed(self) -> None:
         self._changed.set()
@@ -120,11 +120,6 @@ class TelemetrySampler:
             if body is not None:
                 await self.put(body)
             active = self.connector.state in (ConnectorState.CHARGING, ConnectorState.DISCHARGING)
-            try:
-                # deadline on the shared tick grid (hal.tick): wakes with the other periodic jobs
-                period = self.active_s if active else self.idle_s
-                now = asyncio.get_running_loop().time()
-                await asyncio.wait_for(self._changed.wait(), next_boundary(now, period) - now)
-            except asyncio.TimeoutError:
-                pass
+            # a state change samples at once; otherwise the next slot of the shared tick grid
+            await self._changed.wait_for_tick(self.active_s if active else self.idle_s)
             self._changed.clear()

@@ -14,7 +14,7 @@ import structlog
 
 from agent.maintenance.archive.model import CompactReport, _unix
 from agent.maintenance.archive.writer import SessionArchive
-from hal.tick import next_boundary
+from hal.tick import wait_event_to_grid
 
 if TYPE_CHECKING:
     from agent.charging.connector import Connector
@@ -147,12 +147,9 @@ class SessionRecorder:
                 self._compaction = asyncio.create_task(self.archive.compact(), name="archive-compact")
                 next_compact = loop.time() + self.archive.config.compact_interval_s
             await self.poll()
-            # the next second of the shared tick grid (hal.tick): a slow poll skips a slot,
-            # never bursts, and the wake-up is shared with every other 1 s job
-            try:
-                await asyncio.wait_for(stop.wait(), next_boundary(loop.time(), 1.0) - loop.time())
-            except TimeoutError:
-                pass
+            # on the shared tick grid: a slow poll skips a slot, never bursts, and the
+            # wake-up is shared with every other 1 s job
+            await wait_event_to_grid(stop, 1.0)
         await self.poll()
         if self._compaction is not None:
             await self._compaction
