@@ -54,25 +54,21 @@ import asyncio
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 
 import structlog
 
 from agent.firmware.boot import EXIT_UPGRADE_RESTART
-from agent.firmware.bundle import Bundle, BundleError, check_checksum, load_public_key, open_bundle, verify_signature
 from agent.firmware.config import FirmwareConfig
-from agent.firmware.download import DownloadError, download, fetch_small, redact, sibling_url
-from agent.firmware.installers import (
-    AppAbInstaller,
-    InstallError,
-    InstallOutcome,
-    Installer,
-    RaucInstaller,
-    VenvReleaseBuilder,
-    choose_installer,
-)
 from agent.firmware.params import FirmwareUpgradeParams
 from agent.utctime import to_iso
+
+if TYPE_CHECKING:
+    from agent.firmware.bundle import Bundle
+    from agent.firmware.installers import InstallOutcome, Installer
+
+# The bundle, download and installer modules (tarfile, the release builder) are imported
+# where an upgrade needs them: most agent processes never run one (resident memory).
 
 log = structlog.get_logger(__name__)
 
@@ -144,24 +140,34 @@ class FirmwareManager:
         self.download_backoff_s = download_backoff_s
         self.progress_interval_s = progress_interval_s
         self.download_dir = Path(config.download_dir) if config.download_dir else self.state_dir / "firmware"
-        self.installers: dict[str, Installer] = installers or {
-            "app_ab": AppAbInstaller(
-                config.install_root,
-                self.state_dir,
-                keep_releases=config.keep_releases,
-                health_timeout_s=config.health_timeout_s,
-                max_boot_attempts=config.max_boot_attempts,
-                builder=VenvReleaseBuilder(wheelhouse=config.wheelhouse),
-                clock=clock,
-            ),
-            "rauc": RaucInstaller(reboot_command=config.reboot_command),
-        }
+        self._installers: dict[str, Installer] | None = installers or None
         self._task: asyncio.Task[None] | None = None
         self._pending: dict[str, Any] | None = None
         self._gate_running = False
         self._holding = False
         #: set by :meth:`load` and by a successful upgrade (None: never upgraded here)
         self.installed_version: str | None = None
+
+    @property
+    def installers(self) -> dict[str, Installer]:
+        """The installers by name: those given, else ``app_ab`` and ``rauc`` built on first use."""
+        if self._installers is None:
+            from agent.firmware.installers import AppAbInstaller, RaucInstaller, VenvReleaseBuilder
+
+            cfg = self.cfg
+            self._installers = {
+                "app_ab": AppAbInstaller(
+                    cfg.install_root,
+                    self.state_dir,
+                    keep_releases=cfg.keep_releases,
+                    health_timeout_s=cfg.health_timeout_s,
+                    max_boot_attempts=cfg.max_boot_attempts,
+                    builder=VenvReleaseBuilder(wheelhouse=cfg.wheelhouse),
+                    clock=self.clock,
+                ),
+                "rauc": RaucInstaller(reboot_command=cfg.reboot_command),
+            }
+        return self._installers
 
     # ------------------------------------------------------------------ queries
 
@@ -214,6 +220,10 @@ class FirmwareManager:
         expiry: float | None = None,
     ) -> None:
         """The whole upgrade up to the restart. Never raises (except cancellation)."""
+        from agent.firmware.bundle import BundleError
+        from agent.firmware.download import DownloadError
+        from agent.firmware.installers import InstallError, choose_installer
+
         version = params.version
         record: dict[str, Any] = {
             "command_id": command_id,
@@ -305,6 +315,8 @@ class FirmwareManager:
         await self.outbox.put("firmware_status", body)
 
     async def _download(self, params: FirmwareUpgradeParams) -> Path:
+        from agent.firmware.download import download
+
         version = params.version
         await self._fw(version, "downloading", 0, "Downloading...")
 
@@ -333,6 +345,9 @@ class FirmwareManager:
 
     async def _verify(self, params: FirmwareUpgradeParams, path: Path) -> Bundle:
         """sha256 (when given), then the signature, then the manifest: nothing else runs before."""
+        from agent.firmware.bundle import BundleError, check_checksum, load_public_key, open_bundle, verify_signature
+        from agent.firmware.download import DownloadError, fetch_small, redact, sibling_url
+
         try:
             if params.checksum:
                 await asyncio.to_thread(check_checksum, path, params.checksum)

@@ -29,8 +29,7 @@ from agent.maintenance.archive_export import session_csv_files
 from agent.maintenance.calibration import CalibrationError
 from agent.maintenance.counters import UnknownFanError
 from agent.maintenance.health import ComponentHealth
-from agent.maintenance.logbundle import FetchLogsParams, LogSources, collect_and_upload
-from agent.maintenance.selftest import run_self_test
+from agent.maintenance.logbundle import FetchLogsParams
 from agent.maintenance.service_mode import ServiceMode
 from agent.service.hardware import HardwareStack
 from agent.service.lifecycle import Lifecycle
@@ -120,6 +119,8 @@ class DiagnosticServices(SessionControl):
 
     async def fetch_logs(self, params: FetchLogsParams, progress: Callable[[int], None]) -> dict[str, Any]:
         """Bundle logs, audit log, the window's session archives and the redacted config; upload it."""
+        from agent.maintenance.logbundle import LogSources, collect_and_upload  # first use loads the bundle code
+
         cfg = self.cfg
         since, until = params.window()
         creds = self.store.credentials.load()
@@ -138,6 +139,8 @@ class DiagnosticServices(SessionControl):
 
     async def run_self_test(self, progress: Callable[[str], None]) -> dict[str, Any]:
         """Every connector out of service while the self test owns the hardware; restored after."""
+        from agent.maintenance.selftest import run_self_test  # first use loads the checks
+
         async with self.hardware.lock:
             taken: list[Connector] = []
             try:

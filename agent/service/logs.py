@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import logging
-import logging.handlers
 import os
 import sys
 from pathlib import Path
@@ -91,8 +90,10 @@ def configure(
     )
     handler: logging.Handler
     if file is not None:
+        from logging.handlers import RotatingFileHandler  # only for a log file (journald needs none)
+
         file.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.handlers.RotatingFileHandler(
+        handler = RotatingFileHandler(
             file, maxBytes=max_bytes, backupCount=backups, encoding="utf-8", delay=False
         )
     else:

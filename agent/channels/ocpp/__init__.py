@@ -20,13 +20,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Literal
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Literal
 
 import structlog
 
 from agent.channels.ocpp.config import OcppSection, check_ocpp_url
 from agent.channels.ocpp.interface import ChargerPort, CsmsChannel
-from agent.channels.ocpp.journal import Journal
+
+if TYPE_CHECKING:
+    from agent.channels.ocpp.journal import Journal  # loaded by start_ocpp, only when OCPP is enabled
 
 log = structlog.get_logger(__name__)
 
@@ -92,6 +94,7 @@ async def start_ocpp(
     if section is None or not section.enabled:
         return None
     from agent import __version__
+    from agent.channels.ocpp.journal import Journal
     from agent.channels.ocpp.services import diagnostics_uploader, firmware_installer
     from agent.channels.ocpp.v16.channel import OcppV16Channel
 

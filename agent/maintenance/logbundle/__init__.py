@@ -52,9 +52,9 @@ the live logs.
 
 from __future__ import annotations
 
-from agent.maintenance.logbundle.collect import DEFAULT_UNIT, AuditRecord, LogSources
-from agent.maintenance.logbundle.config_redaction import redact_config
-from agent.maintenance.logbundle.pack import Bundle, build_bundle
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from agent.maintenance.logbundle.params import (
     DEFAULT_MAX_BYTES,
     BundleError,
@@ -62,8 +62,45 @@ from agent.maintenance.logbundle.params import (
     UploadError,
     check_upload_url,
 )
-from agent.maintenance.logbundle.upload import collect_and_upload, upload
 from agent.redaction import CONFIG_SECRET_KEYS, redact_text, safe_url
+
+if TYPE_CHECKING:
+    from agent.maintenance.logbundle.collect import DEFAULT_UNIT, AuditRecord, LogSources
+    from agent.maintenance.logbundle.config_redaction import redact_config
+    from agent.maintenance.logbundle.pack import Bundle, build_bundle
+    from agent.maintenance.logbundle.upload import collect_and_upload, upload
+
+#: name -> submodule, imported on first access (:func:`__getattr__`)
+_LAZY: dict[str, str] = {
+    "DEFAULT_UNIT": "collect",
+    "AuditRecord": "collect",
+    "LogSources": "collect",
+    "redact_config": "config_redaction",
+    "Bundle": "pack",
+    "build_bundle": "pack",
+    "collect_and_upload": "upload",
+    "upload": "upload",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import the collecting, packing and uploading names on first access.
+
+    The running agent needs them only for a ``fetch_logs`` command, so ``tarfile``,
+    ``gzip`` and the bundle code are not loaded (resident memory) until one arrives; the
+    parameters above are loaded at once (the command's registration needs them). Every
+    name of the submodule is bound here when it is first imported, so ``upload`` is the
+    function, not the submodule of the same name.
+    """
+    module_name = _LAZY.get(name)
+    if module_name is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = importlib.import_module(f"{__name__}.{module_name}")
+    for lazy_name, owner in _LAZY.items():
+        if owner == module_name:
+            globals()[lazy_name] = getattr(module, lazy_name)
+    return globals()[name]
+
 
 __all__ = [
     "CONFIG_SECRET_KEYS",

@@ -67,6 +67,8 @@ checks), :mod:`.run` (plan, bounded execution, safe state: :func:`run_self_test`
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from agent.maintenance.selftest.model import (
     PHASE_PRESENT_V,
     CheckResult,
@@ -76,7 +78,23 @@ from agent.maintenance.selftest.model import (
     SelfTestProgress,
     SelfTestReport,
 )
-from agent.maintenance.selftest.run import run_self_test
+
+if TYPE_CHECKING:
+    from agent.maintenance.selftest.run import run_self_test
+
+
+def __getattr__(name: str) -> Any:
+    """Import :func:`run_self_test` (and its checks) on first access.
+
+    The config needs only :mod:`.model`; the running agent needs the checks only when a
+    ``run_self_test`` command arrives, so they are not loaded (resident memory) before.
+    """
+    if name != "run_self_test":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from agent.maintenance.selftest.run import run_self_test
+
+    globals()[name] = run_self_test
+    return run_self_test
 
 __all__ = [
     "PHASE_PRESENT_V",
