@@ -8,16 +8,16 @@ Implements :class:`hal.interfaces.Vehicle` for one connector.
     CP volts      = mV / 1000 x divider_ratio + offset_v          (board front end)
 
 The front end must present the *high* level of the PWM to the ADC (peak hold or
-sampling synchronised to the PWM high phase). Every ``poll_interval_s`` while a PWM
-duty offers charging (every ``idle_poll_interval_s`` while the PWM is at 100 % or 0 %:
-no current can flow then) (on the
-shared tick grid, read inline: a few bytes of sysfs; the scale file every
-``scale_reread_s``) one sample
-is classified into a window of +/- ``window_v`` around the nominal levels
-12/9/6/3/0/-12 V (A/B/C/D/E/F); a value in no window classifies as UNKNOWN. A new
-classification is published after ``debounce_samples`` equal samples in a row.
-If no sample could be read for ``stale_after_s`` the pilot is UNKNOWN at once with
-``STALE``/``comm_timeout``; a published out-of-window UNKNOWN has
+sampling synchronised to the PWM high phase). One sample is taken every
+``poll_interval_s`` while a PWM duty offers charging, and every
+``idle_poll_interval_s`` while the PWM is at 100 % or 0 % (no current can flow then,
+so only plug-in detection waits on it), on the shared tick grid and read inline (a
+few bytes of sysfs; the scale file every ``scale_reread_s``). It is classified into
+a window of +/- ``window_v`` around the nominal levels 12/9/6/3/0/-12 V
+(A/B/C/D/E/F); a value in no window classifies as UNKNOWN. A new classification is
+published after ``debounce_samples`` equal samples in a row. If no sample could be
+read for :meth:`Iec61851Vehicle.stale_limit` (``stale_after_s``, or two sample
+periods if longer) the pilot is UNKNOWN at once with ``STALE``/``comm_timeout``; a published out-of-window UNKNOWN has
 ``FAULT``/``pilot_error``. Until the first debounced state the pilot is UNKNOWN
 with ``STALE`` (no code). ``plugged`` is true in B/C/D, ``ev_ready`` in C/D.
 
@@ -133,11 +133,12 @@ class Iec61851Vehicle:
     class Options(StrictModel):
         poll_interval_s: float = Field(default=0.05, gt=0.0, le=1.0)
         idle_poll_interval_s: float = Field(
-            default=0.25, gt=0.0, le=1.0,
+            default=0.5, gt=0.0, le=1.0,
             description=(
                 "sample period while no charging is offered (PWM at 100 % or 0 %): the EV "
-                "cannot draw current then, so only plug-in detection waits on it; 0.25 s "
-                "shares every wake-up of the 0.5 s idle control tick"
+                "cannot draw current then, so only plug-in detection waits on it "
+                "(debounce_samples periods); 0.5 s is the idle control tick, so both share "
+                "one wake-up"
             ),
         )
         adc_raw_path: str = Field(..., min_length=1, description="IIO in_voltageN_raw")
@@ -286,7 +287,7 @@ class Iec61851Vehicle:
             return Health(
                 HealthState.STALE,
                 "comm_timeout",
-                f"no pilot sample for {self.options.stale_after_s:g} s: {self._sample_error}",
+                f"no pilot sample for {self.stale_limit():g} s: {self._sample_error}",
             )
         if self._pwm_error is not None:
             return Health(HealthState.FAULT, "transport_error", self._pwm_error)
@@ -334,6 +335,11 @@ class Iec61851Vehicle:
         if self._duty in (0.0, 100.0):
             return max(self.options.idle_poll_interval_s, self.options.poll_interval_s)
         return self.options.poll_interval_s
+
+    def stale_limit(self) -> float:
+        """How long without a good sample makes the pilot stale: ``stale_after_s``, or two
+        sample periods if that is longer (one missed sample at the idle period is no outage)."""
+        return max(self.options.stale_after_s, 2.0 * self.sample_period())
 
     async def _run(self) -> None:
         while True:
@@ -398,7 +404,7 @@ class Iec61851Vehicle:
                 self._log.warning("pilot_sample_failed", error=sample.error)
             self._sample_error = sample.error
             since = self._last_good_at if self._last_good_at is not None else self._started_at
-            if not self._stale and now - since >= self.options.stale_after_s:
+            if not self._stale and now - since >= self.stale_limit():
                 self._stale = True
                 self._candidate, self._candidate_count = None, 0
                 self._have_state = False

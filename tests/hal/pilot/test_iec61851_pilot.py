@@ -41,7 +41,11 @@ class Rig:
         self.drivers: list[Iec61851Vehicle] = []
 
     def vehicle(self, **overrides: Any) -> Iec61851Vehicle:
-        raw: dict[str, Any] = {"poll_interval_s": 0.01, "hlc_stale_after_s": 0.3}
+        raw: dict[str, Any] = {
+            "poll_interval_s": 0.01,
+            "idle_poll_interval_s": 0.05,  # detection logic here, not the idle cadence
+            "hlc_stale_after_s": 0.3,
+        }
         raw.update(overrides)
         options = Iec61851Vehicle.Options(**self.sim.layout.driver_options(**raw))
         ctx = BuildContext(can={}, modbus={}, state_dir=self.tmp_path, connector_id=1)
@@ -289,7 +293,7 @@ async def test_old_hlc_file_is_stale_at_start(rig: Rig) -> None:
 async def test_hlc_none_leaves_fields_empty(rig: Rig) -> None:
     rig.connector.vehicle.plugged = True
     options = Iec61851Vehicle.Options(
-        **rig.sim.layout.driver_options(hlc=False, poll_interval_s=0.01)
+        **rig.sim.layout.driver_options(hlc=False, poll_interval_s=0.01, idle_poll_interval_s=0.05)
     )
     v = Iec61851Vehicle("cp1", options, BuildContext(can={}, modbus={}, state_dir=rig.tmp_path))
     rig.drivers.append(v)
@@ -325,6 +329,22 @@ async def test_sampling_is_fast_only_while_charging_is_offered(rig: Rig) -> None
     assert v.sample_period() == 0.05
     await v.set_pwm_duty(0.0)
     assert v.sample_period() == 0.2
+
+
+async def test_one_missed_idle_sample_is_not_stale(rig: Rig) -> None:
+    v = rig.vehicle(poll_interval_s=0.01, idle_poll_interval_s=0.2, stale_after_s=0.1)
+    await v.start()
+    assert v.stale_limit() == pytest.approx(0.4)  # two idle periods: longer than stale_after_s
+    await wait_until(lambda: v.status().pilot is PilotState.A, timeout=2.0)
+    await rig.sim.stop()
+    rig.sim.layout.adc_raw.unlink()
+    await wait_until(lambda: v.describe()["bad_samples"] == 1, timeout=1.0)
+    # one idle sample missed, 0.2 s after the last good one: past stale_after_s, not stale
+    assert v.health().state is HealthState.OK
+    await wait_until(lambda: v.health().state is HealthState.STALE, timeout=1.0)
+    assert "0.4 s" in v.health().detail
+    await v.set_pwm_duty(53.3)
+    assert v.stale_limit() == pytest.approx(0.1)  # charging offered: stale_after_s as set
 
 
 async def test_an_unchanged_duty_is_not_rewritten(rig: Rig) -> None:
