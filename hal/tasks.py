@@ -8,7 +8,8 @@ Contract
 left behind with an error log (``task.did_not_stop``), so a stuck task cannot hang a stop.
 
 * The task's own outcome never escapes: a task that ended with an exception is logged
-  (``task.failed``) and the stop still succeeds. Only the *caller's* cancellation propagates
+  (``task.failed``; not with ``report_failures=False``, for a caller that has already
+  looked at the outcome) and the stop still succeeds. Only the *caller's* cancellation propagates
   (unlike ``with suppress(CancelledError): await task``, which would swallow it).
 * The calling task itself is never cancelled (a loop stopping its own owner is skipped).
 * ``None`` and finished tasks are accepted (idempotent stops).
@@ -37,13 +38,19 @@ async def stop_task(
     *,
     attempts: int = STOP_CANCEL_ATTEMPTS,
     wait_s: float = STOP_WAIT_S,
+    report_failures: bool = True,
 ) -> bool:
     """Cancel ``task`` and wait (bounded) until it ended; True when it did.
 
     Returns True also for ``None``, an already finished task and the calling task (which is
     not touched). False means the task is still running after ``attempts`` cancellations.
     """
-    return await stop_tasks(() if task is None else (task,), attempts=attempts, wait_s=wait_s)
+    return await stop_tasks(
+        () if task is None else (task,),
+        attempts=attempts,
+        wait_s=wait_s,
+        report_failures=report_failures,
+    )
 
 
 async def stop_tasks(
@@ -51,6 +58,7 @@ async def stop_tasks(
     *,
     attempts: int = STOP_CANCEL_ATTEMPTS,
     wait_s: float = STOP_WAIT_S,
+    report_failures: bool = True,
 ) -> bool:
     """:func:`stop_task` for several tasks at once (cancelled together, one shared bound)."""
     current = asyncio.current_task()
@@ -67,7 +75,7 @@ async def stop_tasks(
     for task in pending:
         name = task.get_name() if isinstance(task, asyncio.Task) else repr(task)
         log.error("task.did_not_stop", task=name, waited_s=max(1, attempts) * wait_s)
-    for task in ended:
+    for task in ended if report_failures else ():
         if not task.cancelled() and task.exception() is not None:
             name = task.get_name() if isinstance(task, asyncio.Task) else repr(task)
             log.error("task.failed", task=name, error=repr(task.exception()))

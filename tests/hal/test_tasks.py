@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import structlog.testing
 
 from hal.tasks import stop_task, stop_tasks
 
@@ -57,6 +58,18 @@ async def test_a_failed_task_does_not_raise_from_stop() -> None:
     await asyncio.sleep(0)
     assert await stop_task(task) is True
     assert isinstance(task.exception(), RuntimeError)
+
+
+async def test_failures_are_logged_unless_the_caller_handled_them() -> None:
+    async def boom() -> None:
+        raise RuntimeError("bug")
+
+    for report, expected in ((True, ["task.failed"]), (False, [])):
+        task = asyncio.create_task(boom(), name="boom")
+        await asyncio.sleep(0)
+        with structlog.testing.capture_logs() as logs:
+            assert await stop_task(task, report_failures=report) is True
+        assert [e["event"] for e in logs] == expected, report
 
 
 async def test_the_calling_task_is_not_cancelled() -> None:

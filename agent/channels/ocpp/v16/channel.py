@@ -44,10 +44,11 @@ from agent.channels.ocpp.mapping import connector_status, error_code
 from agent.channels.ocpp.metrics import ChannelMetrics
 from agent.channels.ocpp.profiles import ChargingProfiles
 from agent.channels.ocpp.settings import Settings
-from agent.channels.ocpp.v16.handlers import ChargePoint16, cancel_quietly
+from agent.channels.ocpp.v16.handlers import ChargePoint16
 from agent.channels.ocpp.v16.operations import AVAILABILITY_KEY, Operations
 from agent.channels.ocpp.v16.transactions import TxTracker
 from agent.utctime import to_iso as iso, utc_now
+from hal.tasks import stop_tasks
 
 log = structlog.get_logger(__name__)
 
@@ -145,8 +146,7 @@ class OcppV16Channel(Operations):
 
     async def stop(self) -> None:
         """Close the socket; the journal keeps whatever is unsent. Sessions are not touched."""
-        for task in [self._task, *self._tasks, *self._background]:
-            await cancel_quietly(task)
+        await stop_tasks([self._task, *self._tasks, *self._background], report_failures=False)
         self._task, self._tasks = None, []
         self.profiles.detach()
         self._accepted.clear()
@@ -239,8 +239,8 @@ class OcppV16Channel(Operations):
         finally:
             booted = booted or self._accepted.is_set()
             self._accepted.clear()
-            await cancel_quietly(main)
-            await cancel_quietly(reader)
+            # the caller's own cancellation (stop()) must propagate, not pass for theirs
+            await stop_tasks((main, reader), report_failures=False)
         return booted
 
     async def _call(self, payload: Any) -> Any:
@@ -284,8 +284,7 @@ class OcppV16Channel(Operations):
             for task in done:
                 task.result()
         finally:
-            for task in tasks:
-                await cancel_quietly(task)
+            await stop_tasks(tasks, report_failures=False)
 
     # ------------------------------------------------------------------ periodic traffic
 
@@ -424,8 +423,7 @@ class OcppV16Channel(Operations):
                 await self.profiles.flush()
                 await asyncio.sleep(1.0)
         finally:
-            for task in taps:
-                await cancel_quietly(task)
+            await stop_tasks(taps, report_failures=False)
 
     async def _reader_loop(self, connector_id: int, reader: Any) -> None:
         start = getattr(reader, "start", None)

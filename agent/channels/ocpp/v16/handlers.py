@@ -187,13 +187,3 @@ def _unique_id(raw: str) -> str | None:
     if isinstance(frame, list) and len(frame) >= 2 and isinstance(frame[1], str) and frame[0] == 2:
         return frame[1][:36]
     return None
-
-
-async def cancel_quietly(task: "asyncio.Task[Any] | None") -> None:
-    if task is None:
-        return
-    task.cancel()
-    try:
-        await task
-    except (asyncio.CancelledError, Exception):
-        pass

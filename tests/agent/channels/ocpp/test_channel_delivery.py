@@ -188,3 +188,24 @@ async def test_start_answered_invalid_stops_the_session_deauthorized(tmp_path: P
         assert csms.violations == []
     finally:
         await _stop(channel, journal)
+
+
+async def test_stop_during_a_connection_teardown_returns(tmp_path: Path, csms: Csms) -> None:
+    """A stop that lands while the channel tears a dropped connection down still ends it.
+
+    The teardown cancels and awaits the connection's own tasks; the stop's cancellation
+    arriving during that await must not be taken for theirs (the channel would reconnect
+    and ``stop()`` would wait for ever). The drop-to-stop gap is swept so that some of
+    the stops land inside the teardown.
+    """
+    channel, journal, _ = await _channel(tmp_path, csms)
+    try:
+        for gap_ms in range(0, 8):
+            await _until("online", lambda: channel.online)
+            drop = asyncio.create_task(csms.drop())
+            await asyncio.sleep(gap_ms / 2000)
+            await asyncio.wait_for(channel.stop(), timeout=10)
+            await drop
+            await channel.start()
+    finally:
+        await _stop(channel, journal)
