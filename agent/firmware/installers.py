@@ -62,6 +62,7 @@ import structlog
 
 from agent.firmware import boot
 from agent.firmware.bundle import Bundle
+from agent.firmware.config import FirmwareConfig
 
 log = structlog.get_logger(__name__)
 
@@ -503,6 +504,29 @@ class RaucInstaller:
 
     async def discard(self, record: dict[str, Any]) -> str | None:
         return None
+
+
+def default_installers(
+    cfg: FirmwareConfig,
+    state_dir: Path,
+    *,
+    clock: Callable[[], float] = time.time,
+    builder: ReleaseBuilder | None = None,
+) -> dict[str, Installer]:
+    """The installers by name as ``cfg`` configures them: ``app_ab`` (its releases built by
+    ``builder``, by default a :class:`VenvReleaseBuilder` on ``cfg.wheelhouse``) and ``rauc``."""
+    return {
+        "app_ab": AppAbInstaller(
+            cfg.install_root,
+            state_dir,
+            keep_releases=cfg.keep_releases,
+            health_timeout_s=cfg.health_timeout_s,
+            max_boot_attempts=cfg.max_boot_attempts,
+            builder=builder or VenvReleaseBuilder(wheelhouse=cfg.wheelhouse),
+            clock=clock,
+        ),
+        "rauc": RaucInstaller(reboot_command=cfg.reboot_command),
+    }
 
 
 def choose_installer(setting: str, kind: str, available: dict[str, bool]) -> str:

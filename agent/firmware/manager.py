@@ -152,21 +152,9 @@ class FirmwareManager:
     def installers(self) -> dict[str, Installer]:
         """The installers by name: those given, else ``app_ab`` and ``rauc`` built on first use."""
         if self._installers is None:
-            from agent.firmware.installers import AppAbInstaller, RaucInstaller, VenvReleaseBuilder
+            from agent.firmware.installers import default_installers
 
-            cfg = self.cfg
-            self._installers = {
-                "app_ab": AppAbInstaller(
-                    cfg.install_root,
-                    self.state_dir,
-                    keep_releases=cfg.keep_releases,
-                    health_timeout_s=cfg.health_timeout_s,
-                    max_boot_attempts=cfg.max_boot_attempts,
-                    builder=VenvReleaseBuilder(wheelhouse=cfg.wheelhouse),
-                    clock=self.clock,
-                ),
-                "rauc": RaucInstaller(reboot_command=cfg.reboot_command),
-            }
+            self._installers = default_installers(self.cfg, self.state_dir, clock=self.clock)
         return self._installers
 
     # ------------------------------------------------------------------ queries

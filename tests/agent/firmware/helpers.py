@@ -18,7 +18,7 @@ from agent.firmware import boot
 from agent.firmware.build import BuildResult, build_bundle
 from agent.firmware.bundle import Bundle, generate_keypair, private_key_pem, public_key_b64
 from agent.firmware.config import FirmwareConfig
-from agent.firmware.installers import AppAbInstaller
+from agent.firmware.installers import default_installers
 from agent.firmware.manager import FirmwareManager
 from agent.firmware.params import FirmwareUpgradeParams
 
@@ -284,17 +284,7 @@ class Rig:
             return True
 
         if installers is None and builder is not None:
-            installers = {
-                "app_ab": AppAbInstaller(
-                    config.install_root,
-                    self.state,
-                    keep_releases=config.keep_releases,
-                    health_timeout_s=config.health_timeout_s,
-                    max_boot_attempts=config.max_boot_attempts,
-                    builder=builder,
-                    clock=self.time.clock,
-                )
-            }
+            installers = default_installers(config, self.state, clock=self.time.clock, builder=builder)
         return FirmwareManager(
             config,
             state_dir=self.state,
