@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Mapping
 
 from hal.config import CanBusConfig, ModbusLinkConfig
 
+from hal.tick import Pace
+
 if TYPE_CHECKING:
     from hal.can.port import CanPort
     from hal.modbus.link import ModbusLink
@@ -43,6 +45,16 @@ class BuildContext:
             _shared=self._shared,
         )
 
+    @property
+    def pace(self) -> Pace:
+        """The one :class:`~hal.tick.Pace` of the process: drivers slow their polls by
+        it, the connectors report to it (busy until somebody reports)."""
+        if "pace" not in self._shared:
+            self._shared["pace"] = Pace()
+        pace = self._shared["pace"]
+        assert isinstance(pace, Pace)
+        return pace
+
     def can_port(self, name: str) -> "CanPort":
         from hal.can.port import CanPort
 
@@ -66,6 +78,8 @@ class BuildContext:
     async def close(self) -> None:
         """Close every transport created through this context (idempotent)."""
         for key, resource in list(self._shared.items()):
+            if isinstance(resource, Pace):
+                continue  # not a transport: the drivers built here keep theirs
             close = getattr(resource, "close", None)
             if close is not None:
                 result = close()

@@ -36,7 +36,10 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Mapping, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from hal.tick import Pace
 
 
 def monotonic() -> float:
@@ -124,7 +127,9 @@ class PowerModules(Protocol):
       poll/keep-alive task. The keep-alive guarantees that every module hears a
       frame from the controller well inside its own comms watchdog (10 s for
       InfyPower), *as long as the event loop is alive*: a hung process stops the
-      frames and the modules switch themselves off.
+      frames and the modules switch themselves off. While the charger is idle and the
+      output is off and settled, the period stretches to ``idle_poll_interval_s``
+      (at most 5 s and a third of ``comm_timeout_s``).
     * A module that gives no valid answer for ``comm_timeout_s`` (configured > the
       module's own watchdog) goes ``online=False``; capability is recomputed and the
       requested current is redistributed over the remaining modules. It is re-polled
@@ -199,8 +204,10 @@ class EnergyMeter(Protocol):
 
     Contract:
 
-    * Polls every ``poll_interval_s``. ``reading()`` returns the last reading that is
-      younger than ``stale_after_s``; after that it returns ``None`` and ``health()``
+    * Polls every ``poll_interval_s`` (``idle_poll_interval_s`` while the charger is
+      idle, see :class:`hal.tick.Pace`). ``reading()`` returns the last reading that is
+      younger than ``stale_after_s`` (two idle periods if longer, while idle or for a
+      reading taken while idle); after that it returns ``None`` and ``health()``
       is ``STALE`` with ``code="comm_timeout"``. Old values are never re-published.
     * A meter that answers but whose values stop changing while power flows
       (energy register not advancing, identical raw registers across polls) is
@@ -504,6 +511,8 @@ class DeviceSet:
     imd: dict[int, InsulationMonitor] = field(default_factory=dict)  # by connector id
     bidirectional: dict[int, Bidirectional] = field(default_factory=dict)  # by connector id (V2G)
     thermal: Thermal | None = None
+    #: the :class:`~hal.tick.Pace` these devices poll by (``None``: built without one)
+    pace: Pace | None = None
 
     def all(self) -> list[Any]:
         devices: list[Any] = []

@@ -12,12 +12,18 @@ hold up another: each is still its own task, only the timer deadlines coincide.
 :class:`Wakeup` is a cheaper ``asyncio.Event`` for "sleep until the next tick or
 until somebody has news" (no task and no timeout object per wait, as
 ``asyncio.wait_for(event.wait(), t)`` would create).
+
+:class:`Pace` lets pollers that only need a slow pace while nothing can flow (energy
+meters, the insulation monitor, idle power modules) stretch their period while the
+charger is idle and return to it the moment a connector gets busy.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
+from collections.abc import Iterator
 
 
 def next_boundary(now: float, period: float) -> float:
@@ -102,3 +108,63 @@ class Wakeup:
         """Until the next multiple of ``period`` (see :func:`sleep_to_grid`) or until set."""
         loop = asyncio.get_running_loop()
         await self.wait_until(next_boundary(loop.time(), period))
+
+
+class Pace:
+    """Whether the charger is busy, for pollers that may slow down while it is idle.
+
+    Each connector reports itself with :meth:`report`: *busy* while a session is
+    prepared, running or being resumed, or its contactor coil is energised. The charger
+    is **idle** once at least one connector has reported and none reports busy. Until
+    the first report it counts as busy, so a driver used on its own (``probe``, a test,
+    a bench script) always polls at its normal period.
+
+    A poller waits with :meth:`sleep`: on the grid of its idle period while the charger
+    is idle, of its normal period while busy. The switch to busy ends every idle sleep
+    at once, so the first fast poll follows the start of a session within one pass of
+    the event loop. Loop thread only (as :class:`Wakeup`).
+    """
+
+    def __init__(self) -> None:
+        self._busy: dict[object, bool] = {}
+        self._sleepers: set[Wakeup] = set()
+
+    @property
+    def idle(self) -> bool:
+        return bool(self._busy) and not any(self._busy.values())
+
+    def report(self, key: object, busy: bool) -> None:
+        """``key`` (a connector id) is busy or not; a change to busy wakes the idle sleepers."""
+        if self._busy.get(key) is busy:
+            return
+        was_idle = self.idle
+        self._busy[key] = busy
+        if was_idle and busy:
+            for sleeper in self._sleepers:
+                sleeper.set()
+
+    @contextlib.contextmanager
+    def busy_while(self, key: object) -> Iterator[None]:
+        """Busy for the ``with`` block: for work that needs fresh readings at once (a self test)."""
+        self.report(key, True)
+        try:
+            yield
+        finally:
+            self.report(key, False)
+
+    def period(self, period: float, idle_period: float) -> float:
+        """``idle_period`` while idle (never shorter than ``period``), else ``period``."""
+        return max(period, idle_period) if self.idle else period
+
+    async def sleep(self, period: float, idle_period: float) -> None:
+        """Until the next multiple of :meth:`period`, or until the charger turns busy."""
+        current = self.period(period, idle_period)
+        if current == period:
+            await sleep_to_grid(period)
+            return
+        sleeper = Wakeup()
+        self._sleepers.add(sleeper)
+        try:
+            await sleeper.wait_for_tick(current)
+        finally:
+            self._sleepers.discard(sleeper)

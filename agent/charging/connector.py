@@ -296,6 +296,7 @@ class Connector:
         await self._shutdown_output(initial=True)
         try:
             while not (self._stopping.is_set() and self.session is None):
+                self._report_pace()
                 try:
                     await self._step()
                 except SessionAbort as abort:
@@ -338,17 +339,29 @@ class Connector:
         self._resume = (checkpoint, self.clock() + wait_s)
         self._wake.set()
 
-    async def _sleep_tick(self) -> None:
-        # on the shared tick grid: every connector (and the pilots) wake together. The
-        # control tick is tick_s whenever energy could flow or is being prepared; with no
-        # session, no pending start and the contactor open, idle_tick_s is enough (a
-        # command, a resume or shutdown wakes the loop at once)
-        idle = (
+    def _idle(self) -> bool:
+        """No session, no pending start or resume, and the contactor coil off."""
+        return (
             self.session is None
             and self._pending is None
             and self._resume is None
             and not self.hw.contactor.status().coil_energised
         )
+
+    def _report_pace(self) -> bool:
+        """Tell the shared pace whether this connector is busy (before each step, so the
+        pollers are back at their normal period when a session is being prepared)."""
+        idle = self._idle()
+        if self.hw.pace is not None:
+            self.hw.pace.report(self.id, not idle)
+        return idle
+
+    async def _sleep_tick(self) -> None:
+        # on the shared tick grid: every connector (and the pilots) wake together. The
+        # control tick is tick_s whenever energy could flow or is being prepared; with no
+        # session, no pending start and the contactor open, idle_tick_s is enough (a
+        # command, a resume or shutdown wakes the loop at once)
+        idle = self._report_pace()
         await self._wake.wait_for_tick(max(self.policy.idle_tick_s, self.policy.tick_s) if idle else self.policy.tick_s)
         self._wake.clear()
 

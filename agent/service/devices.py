@@ -23,7 +23,7 @@ def _build(kind: registry.DriverKind[P], name: str, section: DeviceSection, ctx:
 
 def build_devices(cfg: AgentConfig, ctx: BuildContext) -> DeviceSet:
     """Instantiate (not start) every configured device. IMDs shared by connectors are built once."""
-    devices = DeviceSet()
+    devices = DeviceSet(pace=ctx.pace)
     imds = {name: _build(registry.IMD, f"imd.{name}", section, ctx) for name, section in cfg.imd.items()}
     for conn in cfg.connectors:
         cctx = ctx.for_connector(conn.id)

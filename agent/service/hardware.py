@@ -204,6 +204,7 @@ class HardwareStack:
                 imd=d.imd.get(conn.id),
                 thermal=self.thermal,
                 bidirectional=d.bidirectional.get(conn.id),
+                pace=d.pace,
             )
             self.connectors[conn.id] = Connector(conn, hw, self.cfg.charging, self.faults, [self.listener])
         if self.on_built is not None:

@@ -27,6 +27,15 @@ class ModuleGroupOptions(StrictModel):
     poll_interval_s: float = Field(
         1.0, ge=0.05, le=5.0, description="poll (and keep-alive) period per module"
     )
+    idle_poll_interval_s: float = Field(
+        5.0,
+        ge=0.05,
+        le=5.0,
+        description=(
+            "poll period while the charger is idle and the output is off and settled; "
+            "never faster than poll_interval_s, at least three polls per comm_timeout_s"
+        ),
+    )
     comm_timeout_s: float = Field(
         15.0, gt=10.0, le=300.0, description="module lost after this long without valid answer"
     )

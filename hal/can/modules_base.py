@@ -26,7 +26,11 @@ hooks); this module owns the behaviour:
 * **Poll / keep-alive.** Every ``poll_interval_s`` each known module is polled
   (values + status), which doubles as the keep-alive every module needs to hear
   within its 10 s watchdog. The loop runs in the event loop: if the process hangs,
-  the frames stop and the modules switch themselves off.
+  the frames stop and the modules switch themselves off. While the charger is idle
+  (:class:`~hal.tick.Pace`) and the output is off and settled (no OFF pending, no
+  reset, every module off and past ``verify_grace_s`` since its last command), the
+  period is ``idle_poll_interval_s`` (at most a third of ``comm_timeout_s``); the
+  first poll after a connector gets busy goes out at once.
 * **Output verification.** A module whose reported output state disagrees with the
   commanded one ``verify_grace_s`` after the command is re-commanded every cycle
   and flagged (``module_alarm``: DEGRADED when it stays off, FAULT when it stays on).
@@ -67,7 +71,6 @@ from hal.can.module_table import (
 )
 from hal.can.port import CanPort, FrameError
 from hal.context import BuildContext
-from hal.tick import sleep_to_grid
 from hal.interfaces import (
     Health,
     HealthState,
@@ -107,6 +110,7 @@ class PowerModuleGroup(ModuleProtocol):
         self.name = name
         self._opts = options
         self._port: CanPort = ctx.can_port(options.bus)
+        self._pace = ctx.pace
         self._controller = self._port.config.controller_address
         self._discovery_mode = options.addresses is None
         self._table = ModuleTable(options.addresses or (), options.comm_timeout_s)
@@ -416,7 +420,19 @@ class PowerModuleGroup(ModuleProtocol):
             except Exception:  # noqa: BLE001 -- the keep-alive must survive a bug in one cycle
                 self._log.exception("power_modules_poll_failed")
             self._first_poll.set()
-            await sleep_to_grid(self._opts.poll_interval_s)
+            await self._pace.sleep(self._opts.poll_interval_s, self._idle_period(monotonic()))
+
+    def _idle_period(self, now: float) -> float:
+        """The poll period while the charger is idle: ``idle_poll_interval_s`` (at most a
+        third of ``comm_timeout_s``) once the output is off and settled, else the normal one."""
+        opts = self._opts
+        settled_after = opts.verify_grace_s + opts.poll_interval_s
+        unsettled = self._on or self._off_pending or any(
+            m.resetting or m.output_on or now - m.command_at < settled_after for m in self._modules.values()
+        )
+        if unsettled:
+            return opts.poll_interval_s
+        return min(opts.idle_poll_interval_s, opts.comm_timeout_s / 3.0)
 
     def _poll_once(self, now: float) -> None:
         self._check_timeouts(now)

@@ -188,6 +188,8 @@ class BenderIsoCha425(PolledDevice[IsolationReading]):
             unit_id=options.unit_id,
             poll_interval_s=options.poll_interval_s,
             stale_after_s=options.stale_after_s,
+            idle_poll_interval_s=options.idle_poll_interval_s,
+            pace=ctx.pace,
         )
         self.options = options
         self._self_test_lock = asyncio.Lock()

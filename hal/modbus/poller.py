@@ -13,12 +13,17 @@ Contract of :class:`PolledDevice`:
   task, releases the link and forgets every value. Both are idempotent.
 * The task polls every ``poll_interval_s`` on the shared tick grid
   (:mod:`hal.tick`); a poll that overruns its slot delays the next one to the
-  following slot (no burst of catch-up polls).
+  following slot (no burst of catch-up polls). While the charger is idle (the
+  :class:`~hal.tick.Pace` of the build context: no session, every contactor open)
+  it polls every ``idle_poll_interval_s`` instead (never faster than
+  ``poll_interval_s``), and polls at once when a connector gets busy.
 * A poll that raises :class:`~hal.modbus.link.ModbusLinkError` is a comm failure;
   one that raises :class:`DeviceDataError` is garbage (counted, discarded, the
   published value is left untouched); any other exception is logged with its
   traceback and treated as a failure -- the task never dies.
-* The latest value is *fresh* while ``now - value.taken_at <= stale_after_s``.
+* The latest value is *fresh* while ``now - value.taken_at`` is at most the stale
+  limit: ``stale_after_s``, and while idle (or for a value polled while idle) two idle
+  periods if that is longer, so the slower idle polls never make a value stale.
   Without a fresh value ``_fresh_value()`` is ``None`` and ``health()`` is
   ``STALE``/``comm_timeout`` with the last error as detail. Loss is logged once
   (warning) and recovery once (info); old values are never presented as new.
@@ -47,7 +52,7 @@ from hal.config import StrictModel
 from hal.interfaces import Health, HealthState, MeterReading, monotonic
 from hal.modbus.link import ModbusLink, ModbusLinkError
 from hal.tasks import stop_task
-from hal.tick import sleep_to_grid
+from hal.tick import Pace
 
 if TYPE_CHECKING:
     from hal.context import BuildContext
@@ -71,6 +76,15 @@ class PolledOptions(StrictModel):
     link: str = Field(..., min_length=1, description="name of a [modbus.<name>] link")
     unit_id: int = Field(1, ge=1, le=247, description="Modbus device address")
     poll_interval_s: float = Field(1.0, ge=0.2, le=60.0, description="poll period")
+    idle_poll_interval_s: float = Field(
+        5.0,
+        ge=0.2,
+        le=60.0,
+        description=(
+            "poll period while the charger is idle (no session, contactors open); "
+            "never faster than poll_interval_s"
+        ),
+    )
     stale_after_s: float = Field(
         5.0, gt=0.0, le=600.0, description="no valid answer for this long -> values withheld"
     )
@@ -146,12 +160,18 @@ class PolledDevice(ABC, Generic[R]):
         unit_id: int,
         poll_interval_s: float,
         stale_after_s: float,
+        idle_poll_interval_s: float | None = None,
+        pace: Pace | None = None,
     ) -> None:
         self.name = name
         self._link = link
         self._unit_id = unit_id
         self._poll_interval_s = poll_interval_s
+        self._idle_poll_interval_s = max(poll_interval_s, idle_poll_interval_s or poll_interval_s)
         self._stale_after_s = stale_after_s
+        # without a pace nobody reports idle: always the normal period
+        self._pace = pace if pace is not None else Pace()
+        self._value_limit = stale_after_s  # the stale limit in force when _value was polled
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._first_attempt: asyncio.Event | None = None
@@ -245,12 +265,19 @@ class PolledDevice(ABC, Generic[R]):
         elif old is not None:
             self._log.info("modbus.device_fault_cleared", code=old.code)
 
+    def _stale_limit(self) -> float:
+        """``stale_after_s``; while the charger is idle, two idle periods if longer."""
+        if self._idle_poll_interval_s > self._poll_interval_s and self._pace.idle:
+            return max(self._stale_after_s, 2.0 * self._idle_poll_interval_s)
+        return self._stale_after_s
+
     def _fresh_value(self) -> R | None:
-        """The latest value if it is younger than ``stale_after_s``, else ``None``."""
+        """The latest value if it is younger than the stale limit (now, or when it was
+        polled, whichever is longer), else ``None``."""
         value = self._value
         if value is None or self._task is None:
             return None
-        if monotonic() - value.taken_at > self._stale_after_s:
+        if monotonic() - value.taken_at > max(self._value_limit, self._stale_limit()):
             return None
         return value
 
@@ -275,7 +302,7 @@ class PolledDevice(ABC, Generic[R]):
             if self._first_attempt is not None:
                 self._first_attempt.set()
             # the next slot of the shared tick grid: an overrun skips slots, never bursts
-            await sleep_to_grid(self._poll_interval_s)
+            await self._pace.sleep(self._poll_interval_s, self._idle_poll_interval_s)
 
     async def _poll_guarded(self) -> None:
         self._counters["polls"] += 1
@@ -299,6 +326,7 @@ class PolledDevice(ABC, Generic[R]):
         else:
             self._counters["answers"] += 1
             self._value = value
+            self._value_limit = self._stale_limit()
             self._last_poll_garbage = False
             if not self._answered_once:
                 self._answered_once = True
@@ -378,6 +406,8 @@ class PolledDevice(ABC, Generic[R]):
             "endpoint": self._link.endpoint,
             "unit_id": self._unit_id,
             "poll_interval_s": self._poll_interval_s,
+            "idle_poll_interval_s": self._idle_poll_interval_s,
+            "polling_now_s": self._pace.period(self._poll_interval_s, self._idle_poll_interval_s),
             "stale_after_s": self._stale_after_s,
             "running": self.running,
             "health": {"state": str(h.state), "code": h.code, "detail": h.detail},
@@ -458,6 +488,8 @@ class PolledMeter(PolledDevice[MeterReading]):
             unit_id=options.unit_id,
             poll_interval_s=options.poll_interval_s,
             stale_after_s=options.stale_after_s,
+            idle_poll_interval_s=options.idle_poll_interval_s,
+            pace=ctx.pace,
         )
         self._freeze = FreezeDetector(
             power_threshold_kw=options.freeze_power_kw,

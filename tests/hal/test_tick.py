@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from hal.tick import Wakeup, next_boundary, sleep_to_grid, wait_event_to_grid
+from hal.tick import Pace, Wakeup, next_boundary, sleep_to_grid, wait_event_to_grid
 
 
 def test_next_boundary_is_the_next_multiple() -> None:
@@ -73,3 +73,23 @@ def test_idle_periods_share_one_grid() -> None:
     for period in (control, POLL_INTERVAL_S, 1.0):
         ratio = period / pilot
         assert ratio == pytest.approx(round(ratio)) and round(ratio) >= 1, (period, pilot)
+
+
+async def test_pace_is_busy_until_reported_idle_and_busy_ends_an_idle_sleep() -> None:
+    loop = asyncio.get_running_loop()
+    pace = Pace()
+    assert not pace.idle and pace.period(0.05, 1.0) == 0.05  # nobody reported: normal period
+    pace.report(1, False)
+    pace.report(2, False)
+    assert pace.idle and pace.period(0.05, 1.0) == 1.0
+    assert pace.period(0.5, 0.1) == 0.5  # never faster than the normal period
+    await pace.sleep(0.01, 0.2)  # idle: on the 0.2 s grid
+    t0 = loop.time()
+    await pace.sleep(0.01, 0.2)
+    assert 0.15 < loop.time() - t0 < 0.5  # one idle period, not 0.01 s
+    loop.call_later(0.03, pace.report, 2, True)
+    t1 = loop.time()
+    await pace.sleep(0.01, 30.0)  # connector 2 got busy: the 30 s idle sleep ends now
+    assert loop.time() - t1 < 1.0 and not pace.idle
+    pace.report(2, False)
+    assert pace.idle

@@ -238,6 +238,26 @@ async def run_self_test(
     t0 = time.monotonic()
     results: list[CheckResult] = []
     log.info("self_test_started", checks=[c.name for c in checks])
+    # the checks wait for fresh readings: the pollers keep their normal period meanwhile
+    paces = {id(hw.pace): hw.pace for hw in connectors.values() if hw.pace is not None}
+    with contextlib.ExitStack() as busy:
+        for pace in paces.values():
+            busy.enter_context(pace.busy_while("self_test"))
+        await _run_checks(run, checks, results, progress)
+    report = SelfTestReport(tuple(results), started_at, round(time.monotonic() - t0, 3))
+    log.info(
+        "self_test_finished",
+        passed=report.passed,
+        failed=[c.name for c in report.failed()],
+        duration_s=report.duration_s,
+    )
+    return report
+
+
+async def _run_checks(
+    run: _SelfTest, checks: list[_Check], results: list[CheckResult], progress: ProgressCallback | None
+) -> None:
+    """Execute ``checks`` in order into ``results``; the hardware is made safe at the end in every case."""
     try:
         for index, check in enumerate(checks, start=1):
             _notify(progress, SelfTestProgress(check.name, "started", index, len(checks)))
@@ -257,11 +277,3 @@ async def run_self_test(
         safe.add_done_callback(_SAFE_TASKS.discard)
         with contextlib.suppress(Exception):
             await asyncio.shield(safe)
-    report = SelfTestReport(tuple(results), started_at, round(time.monotonic() - t0, 3))
-    log.info(
-        "self_test_finished",
-        passed=report.passed,
-        failed=[c.name for c in report.failed()],
-        duration_s=report.duration_s,
-    )
-    return report

@@ -11,6 +11,7 @@ from agent.charging.config import ChargingSection, ConnectorConfig, DeviceSectio
 from agent.charging.connector import Connector, ConnectorHardware, ConnectorState, Rejected
 from agent.charging.faults import FaultBoard
 from agent.charging.session import SessionRequest
+from hal.tick import Pace
 
 from tests.agent.fakes import (
     FakeBidirectional,
@@ -48,6 +49,7 @@ class Rig:
         self.imd = FakeImd()
         self.v2g = FakeBidirectional(meter=self.meter)
         self.listener = RecordingListener()
+        self.pace = Pace()
         self.fault_log = Faults()
         self.faults = FaultBoard(self.fault_log)
         cfg = ConnectorConfig(
@@ -69,6 +71,7 @@ class Rig:
             meter=self.meter, contactor=self.contactor, vehicle=self.vehicle,  # type: ignore[arg-type]
             modules=self.modules if kind == "dc" else None, imd=self.imd if kind == "dc" else None,  # type: ignore[arg-type]
             bidirectional=self.v2g if kind == "dc" else None,  # type: ignore[arg-type]
+            pace=self.pace,
         )
         self.connector = Connector(cfg, hw, ChargingSection(**defaults), self.faults, self.listener)
         self.task: asyncio.Task[None] | None = None
@@ -109,6 +112,30 @@ async def test_full_dc_session_accounts_energy_from_the_meter() -> None:
     assert rig.listener.event_types()[:3] == ["plug_in", "start", "stop"]
     statuses = {(c, s) for c, s, _m, _d in rig.listener.statuses}
     assert ("c1", "completed") in statuses and ("c2", "completed") in statuses
+
+
+async def test_the_connector_is_busy_on_the_pace_from_a_start_request_to_the_end_of_its_session() -> None:
+    async with Rig() as rig:
+        await rig.until(lambda: rig.pace.idle)
+        rig.vehicle.plug()
+        await rig.until(lambda: rig.connector.state is ConnectorState.VEHICLE_CONNECTED)
+        assert rig.pace.idle  # plugged and waiting for a start: the pollers may slow down
+        idle_at_setpoints: list[bool] = []
+        real_set_output = rig.modules.set_output
+
+        async def spy(voltage: float, current: float) -> None:
+            idle_at_setpoints.append(rig.pace.idle)
+            await real_set_output(voltage, current)
+
+        rig.modules.set_output = spy  # type: ignore[method-assign]
+        rig.connector.request_start(SessionRequest())
+        await rig.until(lambda: rig.connector.state is ConnectorState.CHARGING)
+        assert idle_at_setpoints and not any(idle_at_setpoints)  # busy from the cable check on
+        assert not rig.pace.idle
+        rig.connector.request_stop("remote_stop", None)
+        await rig.until(lambda: rig.listener.records != [])
+        await rig.until(lambda: rig.pace.idle)
+        assert not rig.contactor.closed
 
 
 async def test_cable_check_runs_before_contactor_closes() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,10 @@ async def test_update_session_is_coalesced(store: Store, monkeypatch: pytest.Mon
     s = store.sessions
     await s.open_session(1, "rec-a", START)
     await s.open_session(2, "rec-b", START)
+    # hold the writer thread until the burst is queued: otherwise it may pick the first
+    # update up while the loop is still making the others (a second write, by design)
+    release = threading.Event()
+    blocker = store.db.submit(lambda conn: release.wait(10.0))
     submits = 0
     real_submit = store.db.submit
 
@@ -95,7 +100,8 @@ async def test_update_session_is_coalesced(store: Store, monkeypatch: pytest.Mon
 
     monkeypatch.setattr(store.db, "submit", counting_submit)
     futures = [s.update_session(1 + i % 2, {"energy": float(i)}) for i in range(100)]
-    await asyncio.gather(*futures)
+    release.set()
+    await asyncio.gather(blocker, *futures)
     assert submits == 1  # one write for a burst of 100 updates
     monkeypatch.undo()
     one, two = await s.open_sessions()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import can
@@ -274,6 +275,46 @@ async def test_keep_alive_reaches_every_module_well_inside_its_watchdog(
     for stamps in by_module.values():
         assert len(stamps) >= 5
         assert max(b - a for a, b in itertools.pairwise(stamps)) < 0.6  # 0.2 s poll, 10 s watchdog
+
+
+def polls_to(recorder: Recorder, address: int) -> list[float]:
+    """Send times of the read requests the controller sent to one module."""
+    stamps = []
+    for msg in recorder.sent_by_controller():
+        ident = infy.parse_id(msg.arbitration_id)
+        if ident.device == infy.DEV_MODULE and ident.destination == address and ident.command in infy.READ_COMMANDS:
+            stamps.append(msg.timestamp)
+    return stamps
+
+
+async def test_an_idle_charger_polls_settled_modules_slowly_and_at_once_when_busy(
+    make_rig: MakeRig, recorder: Recorder
+) -> None:
+    rig = await make_rig()
+    drv = rig.driver(InfyPowerModules, group=1, poll_interval_s=0.05, idle_poll_interval_s=0.5,
+                     comm_timeout_s=3.0)
+    rig.ctx.pace.report(1, False)  # connector 1 idle: the charger is idle
+    await drv.start()
+    await asyncio.sleep(0.6)  # past verify_grace_s after start's OFF: settled
+    recorder.clear()
+    await asyncio.sleep(1.05)
+    idle_polls = len({round(s, 2) for s in polls_to(recorder, 0)})
+    assert 1 <= idle_polls <= 3  # every 0.5 s, not every 0.05 s (about 20)
+    assert drv.modules()[0].online and drv.measured_voltage() is not None
+    recorder.clear()
+    busy_at = time.time()
+    rig.ctx.pace.report(1, True)
+    await asyncio.sleep(0.3)
+    stamps = polls_to(recorder, 0)
+    assert stamps and stamps[0] - busy_at < 0.04  # the first fast poll goes out at once
+    assert len({round(s, 2) for s in stamps}) >= 4
+    # output on keeps the normal period whatever the pace says
+    rig.ctx.pace.report(1, False)
+    await drv.set_output(400.0, 10.0)
+    await drv.output_on()
+    recorder.clear()
+    await asyncio.sleep(0.5)
+    assert len({round(s, 2) for s in polls_to(recorder, 0)}) >= 6
 
 
 async def test_frames_are_spaced_on_the_wire(make_rig: MakeRig, recorder: Recorder) -> None:

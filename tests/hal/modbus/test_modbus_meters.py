@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -87,6 +88,39 @@ async def test_sdm630_silence_goes_stale_and_recovers(
         r = meter.reading()
         assert r is not None and r.taken_at > resumed_at > silenced_at  # never an old value
         assert meter.health().ok
+    finally:
+        await meter.stop()
+
+
+async def test_meter_polls_slowly_while_the_charger_is_idle_and_at_once_when_busy(
+    physics: SimWorld, serve: ServeFn, contexts: CtxFn, eventually: Eventually
+) -> None:
+    server = await serve([Sdm630Simulator(physics.connector(1))])
+    ctx = contexts(server)
+    meter = sdm(ctx, stale_after_s=0.5, idle_poll_interval_s=1.0)
+    ctx.pace.report(1, False)  # connector 1 idle: the charger is idle
+    await meter.start()
+    try:
+        await asyncio.sleep(1.1)
+        polls = meter.describe()["counters"]["polls"]
+        seen_none = False
+        for _ in range(41):  # 2 s
+            seen_none = seen_none or meter.reading() is None
+            await asyncio.sleep(0.05)
+        assert 1 <= meter.describe()["counters"]["polls"] - polls <= 3  # 1 s apart, not 0.2 s
+        # a poll a second, a 0.5 s stale_after_s, yet never stale: two idle periods apply
+        assert not seen_none and meter.health().ok
+        assert meter.describe()["polling_now_s"] == 1.0
+        before = meter.describe()["counters"]["polls"]
+        ctx.pace.report(1, True)
+        took = await eventually(lambda: meter.describe()["counters"]["polls"] > before, timeout=0.5, step=0.01)
+        assert took < 0.1  # the first fast poll goes out at once, not at the next idle slot
+        await asyncio.sleep(1.0)
+        assert meter.describe()["counters"]["polls"] - before >= 4
+        # busy again: silence is stale after stale_after_s, as before
+        physics.connector(1).meter.silent = True
+        took = await eventually(lambda: meter.reading() is None, timeout=3.0)
+        assert took < 1.0
     finally:
         await meter.stop()
 

@@ -94,6 +94,7 @@ class Rig:
                 modules=d.power_modules.get(cid),
                 imd=d.imd.get(cid),
                 thermal=d.thermal,
+                pace=d.pace,
             )
             for cid in d.meters
         }

@@ -66,6 +66,21 @@ async def test_a_healthy_charger_passes_every_check_and_reports_progress(rig: Ri
     await _assert_left_safe(rig, duty)
 
 
+async def test_an_idle_charger_is_busy_on_the_pace_for_the_whole_self_test(rig: Rig) -> None:
+    pace = rig.devices.pace
+    assert pace is not None
+    for cid in rig.devices.meters:
+        pace.report(cid, False)  # every connector idle: meters and IMD at the idle pace (5 s)
+    idle_during: list[bool] = []
+
+    report = await rig.run(progress=lambda event: idle_during.append(pace.idle))
+
+    # the meter checks wait 1.5 s for two fresh readings: only the normal pace gives them
+    assert report.passed, [c.to_dict() for c in report.failed()]
+    assert idle_during and not any(idle_during)
+    assert pace.idle  # released at the end
+
+
 @pytest.mark.parametrize("moment", ["modules_on", "contactor_closed", "fan_at_full"])
 async def test_cancellation_mid_run_leaves_the_hardware_safe(rig: Rig, moment: str) -> None:
     duty = _fan_duty(rig)
