@@ -60,7 +60,8 @@ async def test_wait_event_to_grid_returns_on_the_grid_or_when_set() -> None:
 
 
 def test_idle_periods_share_one_grid() -> None:
-    """The idle wake-ups coincide: pilot sampling, connector control, service-mode poll, 1 s jobs.
+    """The idle wake-ups coincide: pilot sampling, connector control, service-mode poll, 1 s
+    jobs and the idle-pace polls of the meters, the IMD and the power modules.
 
     Changing one default without the others would add a wake-up of its own (README: footprint).
     """
@@ -68,9 +69,16 @@ def test_idle_periods_share_one_grid() -> None:
     from agent.maintenance.service_mode import POLL_INTERVAL_S
     from hal.pilot.iec61851 import Iec61851Vehicle
 
+    from hal.can.module_options import ModuleGroupOptions
+    from hal.modbus.poller import PolledOptions
+
     pilot = Iec61851Vehicle.Options.model_fields["idle_poll_interval_s"].default
     control = ChargingSection.model_fields["idle_tick_s"].default
-    for period in (control, POLL_INTERVAL_S, 1.0):
+    idle_polls = (
+        PolledOptions.model_fields["idle_poll_interval_s"].default,
+        ModuleGroupOptions.model_fields["idle_poll_interval_s"].default,
+    )
+    for period in (control, POLL_INTERVAL_S, 1.0, *idle_polls):
         ratio = period / pilot
         assert ratio == pytest.approx(round(ratio)) and round(ratio) >= 1, (period, pilot)
 
