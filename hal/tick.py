@@ -156,15 +156,20 @@ class Pace:
         """``idle_period`` while idle (never shorter than ``period``), else ``period``."""
         return max(period, idle_period) if self.idle else period
 
-    async def sleep(self, period: float, idle_period: float) -> None:
-        """Until the next multiple of :meth:`period`, or until the charger turns busy."""
+    async def sleep(self, period: float, idle_period: float, wakeup: Wakeup | None = None) -> None:
+        """Until the next multiple of :meth:`period`, or until the charger turns busy.
+
+        With ``wakeup`` (the poller's own "news" flag) the sleep also ends when it is
+        set; it is cleared on return.
+        """
         current = self.period(period, idle_period)
-        if current == period:
+        if current == period and wakeup is None:
             await sleep_to_grid(period)
             return
-        sleeper = Wakeup()
+        sleeper = wakeup if wakeup is not None else Wakeup()
         self._sleepers.add(sleeper)
         try:
             await sleeper.wait_for_tick(current)
         finally:
             self._sleepers.discard(sleeper)
+            sleeper.clear()

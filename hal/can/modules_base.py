@@ -71,6 +71,7 @@ from hal.can.module_table import (
 )
 from hal.can.port import CanPort, FrameError
 from hal.context import BuildContext
+from hal.tick import Wakeup
 from hal.interfaces import (
     Health,
     HealthState,
@@ -111,6 +112,7 @@ class PowerModuleGroup(ModuleProtocol):
         self._opts = options
         self._port: CanPort = ctx.can_port(options.bus)
         self._pace = ctx.pace
+        self._poll_now = Wakeup()  # ends an idle-pace sleep: the output or a reset changed
         self._controller = self._port.config.controller_address
         self._discovery_mode = options.addresses is None
         self._table = ModuleTable(options.addresses or (), options.comm_timeout_s)
@@ -248,6 +250,7 @@ class PowerModuleGroup(ModuleProtocol):
         self._send_setpoints(now)
         for address in sorted(self._active):
             self._send_on(address, now)
+        self._poll_now.set()  # back to the normal period for the verification
         self._log.info("power_modules_output_on", active=sorted(self._active))
 
     async def output_off(self) -> None:
@@ -277,6 +280,7 @@ class PowerModuleGroup(ModuleProtocol):
             raise RuntimeError(f"power modules '{self.name}' are not started")
         self._log.info("power_module_reset", module=address, off_s=self._opts.reset_off_s)
         module.resetting = True
+        self._poll_now.set()
         try:
             now = monotonic()
             off_sent = self._reconcile(now)
@@ -420,7 +424,7 @@ class PowerModuleGroup(ModuleProtocol):
             except Exception:  # noqa: BLE001 -- the keep-alive must survive a bug in one cycle
                 self._log.exception("power_modules_poll_failed")
             self._first_poll.set()
-            await self._pace.sleep(self._opts.poll_interval_s, self._idle_period(monotonic()))
+            await self._pace.sleep(self._opts.poll_interval_s, self._idle_period(monotonic()), self._poll_now)
 
     def _idle_period(self, now: float) -> float:
         """The poll period while the charger is idle: ``idle_poll_interval_s`` (at most a

@@ -308,13 +308,17 @@ async def test_an_idle_charger_polls_settled_modules_slowly_and_at_once_when_bus
     stamps = polls_to(recorder, 0)
     assert stamps and stamps[0] - busy_at < 0.04  # the first fast poll goes out at once
     assert len({round(s, 2) for s in stamps}) >= 4
-    # output on keeps the normal period whatever the pace says
+    # output on ends an idle sleep and keeps the normal period whatever the pace says
     rig.ctx.pace.report(1, False)
+    await asyncio.sleep(0.3)  # the loop is in a 0.5 s idle sleep again
+    recorder.clear()
+    on_at = time.time()
     await drv.set_output(400.0, 10.0)
     await drv.output_on()
-    recorder.clear()
     await asyncio.sleep(0.5)
-    assert len({round(s, 2) for s in polls_to(recorder, 0)}) >= 6
+    stamps = polls_to(recorder, 0)
+    assert stamps and stamps[0] - on_at < 0.04
+    assert len({round(s, 2) for s in stamps}) >= 6
 
 
 async def test_frames_are_spaced_on_the_wire(make_rig: MakeRig, recorder: Recorder) -> None:
