@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 
 from hal.config import CanBusConfig, ModbusLinkConfig
-
 from hal.tick import Pace
 
 if TYPE_CHECKING:
@@ -27,6 +26,7 @@ class BuildContext:
         modbus: Mapping[str, ModbusLinkConfig],
         state_dir: Path,
         connector_id: int | None = None,
+        pace: Pace | None = None,
         _shared: dict[str, object] | None = None,
     ) -> None:
         self.can_configs = dict(can)
@@ -34,6 +34,9 @@ class BuildContext:
         self.state_dir = state_dir
         self.connector_id = connector_id
         self._shared: dict[str, object] = {} if _shared is None else _shared
+        #: the one :class:`~hal.tick.Pace` of the process: drivers slow their polls by
+        #: it, the connectors report to it (busy until somebody reports)
+        self.pace = pace if pace is not None else Pace()
 
     def for_connector(self, connector_id: int | None) -> "BuildContext":
         """A view of the same context (same shared transports) for one connector."""
@@ -42,18 +45,9 @@ class BuildContext:
             modbus=self.modbus_configs,
             state_dir=self.state_dir,
             connector_id=connector_id,
+            pace=self.pace,
             _shared=self._shared,
         )
-
-    @property
-    def pace(self) -> Pace:
-        """The one :class:`~hal.tick.Pace` of the process: drivers slow their polls by
-        it, the connectors report to it (busy until somebody reports)."""
-        if "pace" not in self._shared:
-            self._shared["pace"] = Pace()
-        pace = self._shared["pace"]
-        assert isinstance(pace, Pace)
-        return pace
 
     def can_port(self, name: str) -> "CanPort":
         from hal.can.port import CanPort
@@ -78,8 +72,6 @@ class BuildContext:
     async def close(self) -> None:
         """Close every transport created through this context (idempotent)."""
         for key, resource in list(self._shared.items()):
-            if isinstance(resource, Pace):
-                continue  # not a transport: the drivers built here keep theirs
             close = getattr(resource, "close", None)
             if close is not None:
                 result = close()

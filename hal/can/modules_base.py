@@ -71,7 +71,6 @@ from hal.can.module_table import (
 )
 from hal.can.port import CanPort, FrameError
 from hal.context import BuildContext
-from hal.tick import Wakeup
 from hal.interfaces import (
     Health,
     HealthState,
@@ -80,6 +79,7 @@ from hal.interfaces import (
     monotonic,
 )
 from hal.tasks import stop_task
+from hal.tick import Wakeup
 
 __all__ = [
     "GROUP_SOURCE",

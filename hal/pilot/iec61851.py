@@ -18,8 +18,8 @@ a window of +/- ``window_v`` around the nominal levels 12/9/6/3/0/-12 V
 published after ``debounce_samples`` equal samples in a row. If no sample could be
 read for :meth:`Iec61851Vehicle.stale_limit` (``stale_after_s``, or two sample
 periods if longer) the pilot is UNKNOWN at once with ``STALE``/``comm_timeout``; a
-published out-of-window UNKNOWN has ``FAULT``/``pilot_error``. Until the first debounced state the pilot is UNKNOWN
-with ``STALE`` (no code). ``plugged`` is true in B/C/D, ``ev_ready`` in C/D.
+published out-of-window UNKNOWN has ``FAULT``/``pilot_error``. Until the first
+debounced state the pilot is UNKNOWN with ``STALE`` (no code). ``plugged`` is true in B/C/D, ``ev_ready`` in C/D.
 
 **PWM output.** Linux sysfs PWM channel ``pwm_dir`` (already exported, e.g.
 ``/sys/class/pwm/pwmchip0/pwm0``): ``period`` = 1 000 000 ns (1 kHz),

@@ -12,8 +12,8 @@ files :mod:`hal.sim.hwmon_files` writes:
 
 Behaviour:
 
-* A poll task reads every file once per ``poll_interval_s`` in a worker thread
-  (some hwmon chips sit on slow I2C buses); ``temperatures()``/``fans()`` only
+* A poll task reads every file once per ``poll_interval_s``, inline on the event
+  loop (:mod:`hal.sysfs`: a few bytes each); ``temperatures()``/``fans()`` only
   return the last evaluated snapshot and never touch files. ``start()`` returns
   after the first poll.
 * A sensor whose file is missing, unreadable, not a number or outside
