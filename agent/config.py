@@ -18,7 +18,9 @@ Two substitutions exist for simulated setups:
 
 from __future__ import annotations
 
+import atexit
 import difflib
+import shutil
 import tempfile
 import tomllib
 import typing
@@ -44,6 +46,16 @@ from agent.netaddr import is_loopback_host
 from hal.config import CanBusConfig, ModbusLinkConfig, StrictModel
 
 SIM_ROOT_TOKEN = "{sim_root}"
+
+
+def _temporary_sim_root() -> Path:
+    """A fresh private directory for ``{sim_root}``, owned by this process: it is removed
+    when the interpreter exits (normal exit, SIGTERM/SIGINT handled by the agent), so
+    neither a run nor a test session leaves simulator trees in ``/tmp``. Only a process
+    killed outright (SIGKILL, power loss) leaves its directory behind."""
+    root = Path(tempfile.mkdtemp(prefix="charger-sim-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return root
 
 
 class ConfigError(Exception):
@@ -344,7 +356,8 @@ def load_config(path: str | Path, *, sim_root: Path | None = None) -> LoadedConf
     """Read, substitute and validate ``path``; raise :class:`ConfigError` listing every problem.
 
     ``sim_root`` overrides ``[sim] root``; when both are empty and the file uses
-    ``{sim_root}``, a fresh temporary directory is created.
+    ``{sim_root}``, a fresh temporary directory is created, which is removed at once if the
+    file has problems and otherwise when the process exits.
     """
     file = Path(path)
     try:
@@ -368,9 +381,19 @@ def load_config(path: str | Path, *, sim_root: Path | None = None) -> LoadedConf
         if sim_raw is None:
             raise ConfigError([f"{file}: uses {SIM_ROOT_TOKEN} but has no [sim] section"])
         if root is None:
-            root = Path(tempfile.mkdtemp(prefix="charger-sim-"))
+            root = _temporary_sim_root()
+            try:
+                return _validated(file, _substitute(raw, str(root), [False]), root)
+            except ConfigError:
+                shutil.rmtree(root, ignore_errors=True)
+                raise
         raw = _substitute(raw, str(root), [False])
+    return _validated(file, raw, root)
 
+
+def _validated(file: Path, raw: dict[str, Any], root: Path | None) -> LoadedConfig:
+    """The substituted ``raw`` tables validated into a :class:`LoadedConfig`, or
+    :class:`ConfigError` with every problem found (core keys, driver options, cross-checks)."""
     # driver options are validated from the raw tables too, so one run reports
     # misspelt driver options together with problems in the core keys
     problems: list[str] = []

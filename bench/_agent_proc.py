@@ -97,6 +97,8 @@ class AgentUnderTest:
         self.extra_env = dict(extra_env or {})
         self.exec_at: float | None = None  # time.monotonic() right before the agent's exec
         self.emulator = Emulator(token_ttl=3600, rate_limits_enabled=rate_limits_enabled)
+        # a caller's workdir is the caller's to remove (its other processes may still write there)
+        self._owns_workdir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="charger-bench-"))
         self.log_path = self.workdir / "agent.log"
         self.keep = keep
@@ -143,7 +145,7 @@ class AgentUnderTest:
                     await self.proc.wait()
         finally:
             await self.emulator.stop()
-        if not self.keep and exc[0] is None:
+        if self._owns_workdir and not self.keep and exc[0] is None:
             import shutil
 
             shutil.rmtree(self.workdir, ignore_errors=True)

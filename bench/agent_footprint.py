@@ -33,6 +33,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import statistics
@@ -219,6 +220,7 @@ async def measure(window: float, step: float, keep: bool) -> dict[str, Any]:
     notify = NotifyListener(workdir / "notify.sock")
     notify.start()
     result: dict[str, Any] = {}
+    measured = False
     try:
         # as systemd runs it: sd_notify socket and RuntimeDirectory= on a tmpfs (the 1 s
         # snapshot goes there); /dev/shm stands in for /run where /run is not a tmpfs
@@ -251,11 +253,10 @@ async def measure(window: float, step: float, keep: bool) -> dict[str, Any]:
                 result[key] = await sample_state(aut, window, step)
             result["charging_at_end"] = telemetry_states(aut)
             result["rss_mib_end"] = rss_mib(aut.pid)
+        measured = True
     finally:
         notify.close()
         if "runtime_dir" in result and not str(result["runtime_dir"]).startswith(str(workdir)):
-            import shutil
-
             shutil.rmtree(str(result["runtime_dir"]).split(" (")[0], ignore_errors=True)
         if sim.returncode is None:
             sim.send_signal(signal.SIGTERM)
@@ -264,6 +265,9 @@ async def measure(window: float, step: float, keep: bool) -> dict[str, Any]:
             except TimeoutError:
                 sim.kill()
                 await sim.wait()
+        # only once the simulator has stopped writing its files; a failed run keeps its logs
+        if measured and not keep:
+            shutil.rmtree(workdir, ignore_errors=True)
     result["workdir"] = str(workdir) if keep else None
     return result
 

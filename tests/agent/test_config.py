@@ -117,3 +117,31 @@ def test_firmware_version_and_default_log_target_are_optional(tmp_path: Path) ->
     model = load_config(write(tmp_path, text)).model
     assert model.charger.firmware_version == "260420.0107"
     assert model.diagnostics.log_upload_url == "https://uploads.example.com/b.tar.gz"
+
+
+def test_a_temporary_sim_root_is_removed_when_the_process_exits(tmp_path: Path) -> None:
+    script = (
+        "from agent.config import load_config\n"
+        "root = load_config('config/sim.toml').sim_root\n"
+        "print(root, root.is_dir())\n"
+    )
+    env = {**__import__("os").environ, "TMPDIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=60, check=True).stdout.split()
+    assert Path(out[0]).parent == tmp_path and Path(out[0]).name.startswith("charger-sim-")
+    assert out[1] == "True"  # created for the run ...
+    assert list(tmp_path.iterdir()) == []  # ... and gone once the process has exited
+
+
+def test_a_temporary_sim_root_is_removed_at_once_when_the_file_has_problems(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    bad = tmp_path / "bad.toml"
+    bad.write_text(SIM.replace("[sim]\n", "[sim]\nno_such_key = 1\n", 1))
+    with pytest.raises(ConfigError, match="sim.no_such_key"):
+        load_config(bad)
+    assert list((tmp_path / "tmp").iterdir()) == []
+    good = load_config(ROOT / "config" / "sim.toml").sim_root
+    assert good is not None and good.parent == tmp_path / "tmp" and good.is_dir()
