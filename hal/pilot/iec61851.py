@@ -19,7 +19,9 @@ published after ``debounce_samples`` equal samples in a row. If no sample could 
 read for :meth:`Iec61851Vehicle.stale_limit` (``stale_after_s``, or two sample
 periods if longer) the pilot is UNKNOWN at once with ``STALE``/``comm_timeout``; a
 published out-of-window UNKNOWN has ``FAULT``/``pilot_error``. Until the first
-debounced state the pilot is UNKNOWN with ``STALE`` (no code). ``plugged`` is true in B/C/D, ``ev_ready`` in C/D.
+debounced state the pilot is UNKNOWN with ``STALE`` (no code) and is sampled every
+``poll_interval_s`` whatever the duty, so it settles within the agent's pilot-error
+grace at start-up and after an outage. ``plugged`` is true in B/C/D, ``ev_ready`` in C/D.
 
 **PWM output.** Linux sysfs PWM channel ``pwm_dir`` (already exported, e.g.
 ``/sys/class/pwm/pwmchip0/pwm0``): ``period`` = 1 000 000 ns (1 kHz),
@@ -138,7 +140,7 @@ class Iec61851Vehicle:
                 "sample period while no charging is offered (PWM at 100 % or 0 %): the EV "
                 "cannot draw current then, so only plug-in detection waits on it "
                 "(debounce_samples periods); 0.5 s is the idle control tick, so both share "
-                "one wake-up"
+                "one wake-up. Until a first state is known the pilot samples at poll_interval_s"
             ),
         )
         adc_raw_path: str = Field(..., min_length=1, description="IIO in_voltageN_raw")
@@ -200,6 +202,7 @@ class Iec61851Vehicle:
         self._last_volts: float | None = None
         self._last_good_at: float | None = None
         self._stale = False
+        self._stale_after = 0.0
         self._sample_error: str | None = None
         self._bad_samples = 0
         # pwm
@@ -287,7 +290,7 @@ class Iec61851Vehicle:
             return Health(
                 HealthState.STALE,
                 "comm_timeout",
-                f"no pilot sample for {self.stale_limit():g} s: {self._sample_error}",
+                f"no pilot sample for {self._stale_after:g} s: {self._sample_error}",
             )
         if self._pwm_error is not None:
             return Health(HealthState.FAULT, "transport_error", self._pwm_error)
@@ -331,8 +334,13 @@ class Iec61851Vehicle:
     # ------------------------------------------------------------------ sampling
 
     def sample_period(self) -> float:
-        """``poll_interval_s`` while a PWM duty offers charging, else ``idle_poll_interval_s``."""
-        if self._duty in (0.0, 100.0):
+        """``idle_poll_interval_s`` while no charging is offered (PWM 100 %/0 %) and a pilot
+        state is known; else ``poll_interval_s``. Until the first debounced state (start-up,
+        samples back after an outage) the pilot samples fast, so the state is known after
+        ``debounce_samples`` poll periods (0.15 s by default), inside the agent's 0.5 s
+        pilot-error grace, instead of after as many idle periods (1-1.5 s: every start-up
+        would raise and clear a pilot fault)."""
+        if self._have_state and self._duty in (0.0, 100.0):
             return max(self.options.idle_poll_interval_s, self.options.poll_interval_s)
         return self.options.poll_interval_s
 
@@ -406,6 +414,7 @@ class Iec61851Vehicle:
             since = self._last_good_at if self._last_good_at is not None else self._started_at
             if not self._stale and now - since >= self.stale_limit():
                 self._stale = True
+                self._stale_after = self.stale_limit()  # for the message: the limit that ran out
                 self._candidate, self._candidate_count = None, 0
                 self._have_state = False
                 self._log.error("pilot_stale", error=sample.error)

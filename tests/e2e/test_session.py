@@ -152,3 +152,12 @@ def test_sigterm_closes_the_session_with_stop_reason_shutdown(rig: Rig) -> None:
 
 def test_secrets_never_logged(rig: Rig) -> None:
     assert_no_secrets_logged(rig)
+
+
+def test_a_healthy_charger_reports_no_fault_from_start_up_to_shutdown(rig: Rig) -> None:
+    """Nothing in this run is faulty, so the platform gets no fault or alarm event on either
+    connector: in particular no pilot error while the pilots settle at start-up (the idle
+    pilot cadence once made every start-up raise and clear F-0801 on each connector)."""
+    faults = [e for e in rig.events(connector_id=None) if e["event_type"] in ("fault", "alarm")]
+    assert faults == []
+    assert '"fault_raised"' not in rig.run.log_text()

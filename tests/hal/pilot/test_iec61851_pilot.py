@@ -324,6 +324,8 @@ def test_options_validation_and_registry(tmp_path: Path) -> None:
 async def test_sampling_is_fast_only_while_charging_is_offered(rig: Rig) -> None:
     v = rig.vehicle(poll_interval_s=0.05, idle_poll_interval_s=0.2)
     await v.start()
+    assert v.sample_period() == 0.05  # no state known yet: settle fast
+    await wait_until(lambda: v.status().pilot is PilotState.A, timeout=1.0)
     assert v.sample_period() == 0.2  # 100 %: no PWM, the EV cannot draw current
     await v.set_pwm_duty(53.3)
     assert v.sample_period() == 0.05
@@ -334,8 +336,8 @@ async def test_sampling_is_fast_only_while_charging_is_offered(rig: Rig) -> None
 async def test_one_missed_idle_sample_is_not_stale(rig: Rig) -> None:
     v = rig.vehicle(poll_interval_s=0.01, idle_poll_interval_s=0.2, stale_after_s=0.1)
     await v.start()
-    assert v.stale_limit() == pytest.approx(0.4)  # two idle periods: longer than stale_after_s
     await wait_until(lambda: v.status().pilot is PilotState.A, timeout=2.0)
+    assert v.stale_limit() == pytest.approx(0.4)  # two idle periods: longer than stale_after_s
     await rig.sim.stop()
     rig.sim.layout.adc_raw.unlink()
     await wait_until(lambda: v.describe()["bad_samples"] == 1, timeout=1.0)
@@ -357,3 +359,18 @@ async def test_an_unchanged_duty_is_not_rewritten(rig: Rig) -> None:
     assert rig.pwm("duty_cycle") == "123"
     await v.set_pwm_duty(5.0)
     assert rig.pwm("duty_cycle") == "50000"
+
+
+async def test_the_first_state_is_known_within_the_pilot_error_grace(rig: Rig) -> None:
+    """Default cadences (50 ms charging, 0.5 s idle, 3 equal samples): the start-up debounce
+    runs at the fast period, so the agent's supervisor (0.5 s grace for an unknown pilot)
+    never sees a pilot error at start-up. Sampling at the idle period, the state took 1 s."""
+    from agent.charging.supervision import PILOT_ERROR_GRACE_S
+
+    v = rig.vehicle(poll_interval_s=0.05, idle_poll_interval_s=0.5)
+    started = asyncio.get_running_loop().time()
+    await v.start()
+    assert v.status().pilot is PilotState.UNKNOWN and v.health().code is None  # settling
+    await wait_until(lambda: v.status().pilot is PilotState.A, timeout=2.0)
+    assert asyncio.get_running_loop().time() - started < PILOT_ERROR_GRACE_S
+    assert v.sample_period() == 0.5  # known, nothing offered: back to the idle period
