@@ -377,18 +377,19 @@ def load_config(path: str | Path, *, sim_root: Path | None = None) -> LoadedConf
         root = Path(str(sim_raw["root"]))
     used = [False]
     _substitute(raw, None, used)  # detect use before creating anything
+    temporary: Path | None = None
     if used[0]:
         if sim_raw is None:
             raise ConfigError([f"{file}: uses {SIM_ROOT_TOKEN} but has no [sim] section"])
         if root is None:
-            root = _temporary_sim_root()
-            try:
-                return _validated(file, _substitute(raw, str(root), [False]), root)
-            except ConfigError:
-                shutil.rmtree(root, ignore_errors=True)
-                raise
+            root = temporary = _temporary_sim_root()
         raw = _substitute(raw, str(root), [False])
-    return _validated(file, raw, root)
+    try:
+        return _validated(file, raw, root)
+    except ConfigError:
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
+        raise
 
 
 def _validated(file: Path, raw: dict[str, Any], root: Path | None) -> LoadedConfig:

@@ -140,7 +140,7 @@ class Iec61851Vehicle:
                 "sample period while no charging is offered (PWM at 100 % or 0 %): the EV "
                 "cannot draw current then, so only plug-in detection waits on it "
                 "(debounce_samples periods); 0.5 s is the idle control tick, so both share "
-                "one wake-up. Until a first state is known the pilot samples at poll_interval_s"
+                "one wake-up. Until a first state is known the pilot samples at poll_interval_s."
             ),
         )
         adc_raw_path: str = Field(..., min_length=1, description="IIO in_voltageN_raw")

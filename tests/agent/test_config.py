@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -125,7 +127,7 @@ def test_a_temporary_sim_root_is_removed_when_the_process_exits(tmp_path: Path) 
         "root = load_config('config/sim.toml').sim_root\n"
         "print(root, root.is_dir())\n"
     )
-    env = {**__import__("os").environ, "TMPDIR": str(tmp_path)}
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=60, check=True).stdout.split()
     assert Path(out[0]).parent == tmp_path and Path(out[0]).name.startswith("charger-sim-")
@@ -135,7 +137,6 @@ def test_a_temporary_sim_root_is_removed_when_the_process_exits(tmp_path: Path) 
 
 def test_a_temporary_sim_root_is_removed_at_once_when_the_file_has_problems(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import tempfile
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     bad = tmp_path / "bad.toml"
